@@ -1,0 +1,112 @@
+"""The one description of a bake's settings.
+
+`DistillConfig` is the single source of truth: the CLI builds its options from
+these fields (the `help` metadata becomes the help text), and the record
+written beside the output (`promptbake.json`) is `asdict()` of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
+ROLLOUT_CHOICES = ("fast", "generate")
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class DistillConfig:
+    # What to bake.
+    model: str = _opt(None, "Student model: a Hugging Face hub id, a local model folder, or a .gguf file.")
+    prompt: Path = _opt(None, "UTF-8 text file holding the system prompt to bake in.")
+    out: Path = _opt(Path("baked"), "Folder for the merged checkpoint (written atomically).")
+    teacher: str | None = _opt(
+        None, "A different teacher model (same tokenizer). Default: the student's own base weights."
+    )
+    prompts: str = _opt(
+        "default",
+        "User prompts to practise on: a bundled set name (default, ood, eval) or a .txt/.jsonl file.",
+    )
+    overwrite: bool = _opt(False, "Replace --out if it already exists.")
+
+    # Training.
+    steps: int = _opt(30, "Optimizer steps; each samples a fresh batch of prompts.")
+    batch_size: int = _opt(8, "Prompts per step.")
+    lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights (constant, no warm-up).")
+    max_new_tokens: int = _opt(64, "Longest sampled response, in tokens.")
+    temperature: float = _opt(1.0, "Sampling temperature for student rollouts (0 = greedy).")
+    top_p: float = _opt(1.0, "Nucleus sampling threshold for student rollouts (1 = off).")
+    seed: int = _opt(0, "Seed for the prompt split, prompt order, sampling and LoRA init.")
+    holdout: float = _opt(0.1, "Fraction of the prompt set kept apart for before/after evaluation.")
+
+    # LoRA and precision.
+    lora_rank: int = _opt(16, "LoRA rank r.")
+    lora_alpha: float = _opt(32.0, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = _opt(0.0, "LoRA dropout. 0 keeps the trained policy equal to the sampled one.")
+    lora_targets: str = _opt(
+        "all-linear", "Comma-separated module names to adapt, or 'all-linear' (every linear projection)."
+    )
+    quant: str = _opt(
+        "auto",
+        "Base weights while training: auto (4bit on CUDA, none on CPU), 4bit (NF4, double quant), 8bit, none.",
+        choices=QUANT_CHOICES,
+    )
+
+    # Loss and speed.
+    kl_topk: int = _opt(0, "0: exact reverse KL over the full vocabulary. K>0: sum over the student's top-K tokens.")
+    chunk_size: int = _opt(256, "Response tokens per chunk through the LM head and loss (bounds memory).")
+    rollout: str = _opt(
+        "fast", "Sampler: fast (own decode loop on merged weights) or generate (plain HF generate).", choices=ROLLOUT_CHOICES
+    )
+    prefix_reuse: bool = _opt(True, "Compute the teacher's system-prompt KV cache once and reuse it.")
+
+    # Templates and trust.
+    chat_template: Path | None = _opt(None, "Jinja chat template file, for tokenizers that have none.")
+    trust_remote_code: bool = _opt(False, "Allow the model repository to run its own Python code.")
+
+    def validate(self) -> None:
+        """Check values that need no file or model; raise InputError naming the option."""
+        if not self.model:
+            raise InputError("--model is required: a hub id, a local model folder or a .gguf file.")
+        if self.prompt is None:
+            raise InputError("--prompt is required: a text file holding the system prompt.")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
+                    "lora_rank": self.lora_rank, "chunk_size": self.chunk_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise InputError(f"{flag(name)} must be at least 1 (got {value}).")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be a positive number (got {self.lr}).")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise InputError(f"--lora-alpha must be a positive number (got {self.lora_alpha}).")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"--temperature must be 0 (greedy) or positive (got {self.temperature}).")
+        if not (0 < self.top_p <= 1):
+            raise InputError(f"--top-p must be in (0, 1] (got {self.top_p}).")
+        if not (0 <= self.lora_dropout < 1):
+            raise InputError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
+        if not (0 < self.holdout < 1):
+            raise InputError(f"--holdout must be a fraction between 0 and 1 (got {self.holdout}).")
+        if self.kl_topk < 0:
+            raise InputError(f"--kl-topk must be 0 (full vocabulary) or a positive K (got {self.kl_topk}).")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise InputError(f"{flag(f.name)} must be one of {', '.join(choices)} (got {getattr(self, f.name)!r}).")
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-safe settings for promptbake.json (paths as strings)."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def flag(name: str) -> str:
+    """The CLI flag for a config field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")

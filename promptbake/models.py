@@ -1,0 +1,201 @@
+"""Finding and loading models and tokenizers: hub ids, local folders and .gguf files.
+
+`resolve_model` is cheap (no torch) so bad paths and unreachable hub ids fail in
+about a second; the `load_*` functions import transformers when called.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import InputError, ModelLoadError, TokenizerMismatchError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, in the form `from_pretrained` wants."""
+
+    spec: str  # what the user typed
+    path: str  # folder, hub id, or the folder holding the .gguf file
+    gguf_file: str | None = None
+    local_files_only: bool = False
+
+    @property
+    def kwargs(self) -> dict:
+        kw: dict = {"local_files_only": self.local_files_only}
+        if self.gguf_file:
+            kw["gguf_file"] = self.gguf_file
+        return kw
+
+
+def resolve_model(spec: str, what: str = "model") -> ModelSource:
+    """Turn --model/--teacher into a ModelSource, failing fast on missing paths and unreachable hubs."""
+    path = Path(spec).expanduser()
+    looks_local = path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_local:
+        if not path.exists():
+            raise InputError(f"{what} path {spec} does not exist.")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise InputError(f"{what} {spec} is a file but not a .gguf file; give a model folder or a .gguf file.")
+            return ModelSource(spec, str(path.parent), gguf_file=path.name)
+        if not (path / "config.json").exists():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" It holds {ggufs[0]}: pass that file instead." if ggufs else ""
+            raise InputError(f"{what} folder {spec} has no config.json, so it isn't a Hugging Face model.{hint}")
+        return ModelSource(spec, str(path))
+    if not _HUB_ID.match(spec):
+        raise InputError(f"{what} {spec!r} is neither an existing path nor a hub id like org/name.")
+    return ModelSource(spec, spec, local_files_only=not _hub_reachable_or_cached(spec, what))
+
+
+def _hub_reachable_or_cached(repo_id: str, what: str) -> bool:
+    """True if the hub can be used; False if only the local cache can. Raises if neither."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        if cached:
+            return False
+        raise ModelLoadError(
+            f"{what} {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
+            "pass a local folder or .gguf file instead."
+        )
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        if cached:
+            return False  # use the cache rather than letting transformers retry for ~47 s
+        raise ModelLoadError(
+            f"can't reach {host} to download {what} {repo_id}, and it is not in the local cache; "
+            "pass a local folder or .gguf file instead."
+        ) from None
+
+
+def load_tokenizer(src: ModelSource, *, chat_template: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"can't load the tokenizer of {src.spec}: {_first_line(err)}") from None
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    if tok.pad_token_id is None:
+        # Padding is masked everywhere; any real id will do, EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_config(src: ModelSource, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"can't read the config of {src.spec}: {_first_line(err)}") from None
+
+
+def context_length(config) -> int | None:
+    """The model's maximum number of positions, when the config says."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def pick_device_and_dtype():
+    """CUDA with bf16 when there is a GPU, else CPU with fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
+def resolve_quant(quant: str, device) -> str:
+    """'auto' -> 4bit on CUDA, none on CPU; check bitsandbytes for the others."""
+    if quant == "auto":
+        quant = "4bit" if device.type == "cuda" else "none"
+    if quant in ("4bit", "8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as err:  # ImportError, or a broken native library
+            raise InputError(
+                f"--quant {quant} needs bitsandbytes, which can't be loaded here ({_first_line(err)}); "
+                "install it (pip install bitsandbytes) or use --quant none."
+            ) from None
+    return quant
+
+
+def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code: bool = False):
+    """Load a causal LM for training: frozen base weights, optionally quantised with bitsandbytes."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, **src.kwargs}
+    if quant == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    elif quant == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}") from None
+    if quant == "none":
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()  # no dropout in the base; LoRA dropout is set on the adapter
+    torch.set_grad_enabled(True)
+    return model
+
+
+def check_tokenizers_match(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int) -> int:
+    """Raise TokenizerMismatchError unless both tokenizers map text to the same ids.
+
+    Returns the number of logit columns both models share (their config vocab sizes
+    may differ by padding rows, e.g. 151936 vs 152064 for Qwen sizes).
+    """
+    if len(student_tok) != len(teacher_tok):
+        raise TokenizerMismatchError(
+            f"teacher and student tokenizers differ: vocab size {len(teacher_tok)} vs {len(student_tok)}; "
+            "the teacher must share the student's tokenizer."
+        )
+    for name in ("bos_token", "eos_token", "unk_token"):
+        s, t = getattr(student_tok, name, None), getattr(teacher_tok, name, None)
+        if s != t:
+            raise TokenizerMismatchError(f"teacher and student tokenizers differ: {name} is {t!r} vs {s!r}.")
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+        diff = next(k for k in sorted(set(s_vocab) | set(t_vocab)) if s_vocab.get(k) != t_vocab.get(k))
+        raise TokenizerMismatchError(
+            f"teacher and student tokenizers differ: token {diff!r} has id {t_vocab.get(diff)} vs {s_vocab.get(diff)}."
+        )
+    shared = min(student_vocab, teacher_vocab)
+    if shared < len(student_tok):
+        raise TokenizerMismatchError(
+            f"a model's output layer ({shared} rows) is smaller than the tokenizer ({len(student_tok)} tokens)."
+        )
+    return shared
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

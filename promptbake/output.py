@@ -1,0 +1,96 @@
+"""The output folder: built in a hidden sibling, moved into place only when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import InputError, OutputExistsError
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any work if `out` can't be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is a file; choose a folder path.")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it, or choose another path.")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise InputError(f"can't write to {probe}: choose an --out folder you can write to.")
+
+
+def make_staging(out: Path) -> Path:
+    """An empty hidden folder beside `out` to build the result in."""
+    out = Path(out)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+
+
+def publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished `staging` folder to `out`, replacing an old one only with `overwrite`.
+
+    Renames within one folder are atomic: at every moment `out` is either the old
+    complete result or the new complete one.
+    """
+    out = Path(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; give it the user's usual mode
+    if out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"--out {out} appeared while baking; the result is kept in {staging}.")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+        os.replace(out, old / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def write_model_card(folder: Path, record: dict) -> None:
+    r = record["results"]
+    before, after = r.get("heldout_kl_before"), r.get("heldout_kl_after")
+    figures = ""
+    if before is not None and after is not None:
+        figures = (
+            f"| held-out reverse KL per token (student ‖ prompted teacher) | {before:.4f} | {after:.4f} |\n"
+        )
+    card = f"""---
+base_model: {record["base_model"]}
+library_name: transformers
+tags:
+- promptbake
+- context-distillation
+---
+
+# Baked model
+
+This checkpoint is `{record["base_model"]}` with a system prompt baked into its weights by
+[promptbake](https://pypi.org/project/promptbake/) using on-policy context distillation
+(OPCD): a LoRA adapter was trained on the token-level reverse KL between the model without
+the system prompt (student) and the same model with it (teacher), then merged into the
+full-precision base. Use it with **no system prompt**.
+
+The system prompt itself is not stored here; its SHA-256 is
+`{record["system_prompt_sha256"]}`.
+
+| figure | before | after |
+|---|---|---|
+{figures}
+Training: {record["settings"]["steps"]} steps of {record["settings"]["batch_size"]} prompts,
+lr {record["settings"]["lr"]}, LoRA r={record["settings"]["lora_rank"]}, quantisation while training:
+{record["resolved"]["quant"]}. Settings, versions and figures: `promptbake.json`; per-step
+metrics: `metrics.jsonl`; the unmerged adapter: `adapter/`.
+"""
+    (folder / "README.md").write_text(card, encoding="utf-8")

@@ -1,0 +1,70 @@
+"""Student and teacher inputs: the same conversation, rendered with and without the system prompt.
+
+The student sees exactly what a deployed baked model will see: the chat template
+applied to the user's messages with no system message (whatever default the
+template inserts then is part of that input). The teacher sees the system prompt
+as a real system message, or folded into the first user turn for templates that
+have no system role.
+"""
+
+from __future__ import annotations
+
+from .data import Messages
+from .errors import TemplateError
+
+_PROBE = "\u2063promptbake-probe\u2063"
+
+
+class Renderer:
+    """Renders conversations to token ids for the student (no system prompt) and the teacher (with it)."""
+
+    def __init__(self, tokenizer, system_prompt: str, model_name: str = "the model"):
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                f"the tokenizer of {model_name} has no chat template; pass --chat-template FILE with a Jinja template."
+            )
+        self.tok = tokenizer
+        self.system = system_prompt
+        self.system_role = self._template_has_system_role()
+
+    def _template_has_system_role(self) -> bool:
+        try:
+            text = self._render([{"role": "system", "content": _PROBE}, {"role": "user", "content": "hi"}])
+        except TemplateError:
+            return False
+        return _PROBE in text
+
+    def _render(self, messages: Messages) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # jinja2 raises TemplateError/Exception subclasses of its own
+            raise TemplateError(f"the chat template failed to render a conversation: {err}") from None
+
+    def _ids(self, text: str) -> list[int]:
+        # The template already holds any BOS it wants; don't let the tokenizer add a second one.
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def student_ids(self, messages: Messages) -> list[int]:
+        return self._ids(self._render(messages))
+
+    def teacher_messages(self, messages: Messages) -> Messages:
+        if self.system_role:
+            return [{"role": "system", "content": self.system}, *messages]
+        first, *rest = messages
+        return [{"role": first["role"], "content": f"{self.system}\n\n{first['content']}"}, *rest]
+
+    def teacher_ids(self, messages: Messages) -> list[int]:
+        return self._ids(self._render(self.teacher_messages(messages)))
+
+    def system_prefix(self) -> list[int]:
+        """Leading teacher token ids that don't depend on the user's messages (may be empty).
+
+        The longest common prefix of two renders with different user text. Callers must
+        still check each real input starts with it: tokenizers can merge across the boundary.
+        """
+        a = self.teacher_ids([{"role": "user", "content": "A"}])
+        b = self.teacher_ids([{"role": "user", "content": "7 z"}])
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n]

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import InputError
 
 QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
-ROLLOUT_CHOICES = ("fast", "generate")
+ROLLOUT_CHOICES = ("fast", "exact", "generate")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None):
@@ -64,7 +64,10 @@ class DistillConfig:
     kl_topk: int = _opt(0, "0: exact reverse KL over the full vocabulary. K>0: sum over the student's top-K tokens.")
     chunk_size: int = _opt(256, "Response tokens per chunk through the LM head and loss (bounds memory).")
     rollout: str = _opt(
-        "fast", "Sampler: fast (own decode loop on merged weights) or generate (plain HF generate).", choices=ROLLOUT_CHOICES
+        "fast",
+        "Sampler. fast: own decode loop on a merged copy of the weights (bf16 on CPUs that have it). "
+        "exact: own loop on the training weights. generate: Hugging Face generate (for debugging).",
+        choices=ROLLOUT_CHOICES,
     )
     prefix_reuse: bool = _opt(True, "Compute the teacher's system-prompt KV cache once and reuse it.")
 

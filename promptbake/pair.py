@@ -17,7 +17,7 @@ import torch
 from .data import Messages
 from .losses import chunked_reverse_kl
 from .render import Renderer
-from .sampling import merged_lora, sample, sample_with_generate
+from .sampling import RolloutModel, rollout_dtype, sample, sample_with_generate
 from .scoring import PrefixCache, logits_fn, response_hidden, teacher_hidden
 
 
@@ -64,7 +64,12 @@ class StudentTeacher:
         )
         self.kl_topk = kl_topk
         self.chunk_size = chunk_size
-        self.rollout_mode = rollout
+        # fast: plain copy with the adapter merged (impossible on a quantised base: use the LoRA path).
+        self.rollout_mode = "exact" if rollout == "fast" and quantised else rollout
+        self.sampler_model = None
+        if self.rollout_mode == "fast":
+            base_param = next(student.parameters())
+            self.sampler_model = RolloutModel(student, rollout_dtype(base_param.dtype, base_param.device))
         base = student.get_base_model()
         self.student_logits = logits_fn(base, vocab)
         self.teacher_logits = logits_fn(teacher if teacher is not None else base, vocab)
@@ -90,35 +95,42 @@ class StudentTeacher:
         self.student.eval()
         if self.rollout_mode == "generate":
             responses = sample_with_generate(self.student, student_ids, generator=generator, **self.gen_kwargs)
+        elif self.rollout_mode == "exact":
+            responses = sample(self.student, student_ids, generator=generator, **self.gen_kwargs)
         else:
-            with merged_lora(self.student, self.quantised):
-                responses = sample(self.student.get_base_model(), student_ids, generator=generator, **self.gen_kwargs)
+            self.sampler_model.refresh()
+            responses = sample(self.sampler_model.model, student_ids, generator=generator, **self.gen_kwargs)
         return Rollout(prompts, student_ids, teacher_ids, responses)
 
-    def reverse_kl(self, ro: Rollout, *, train: bool) -> torch.Tensor:
+    def teacher_states(self, ro: Rollout) -> torch.Tensor:
+        """(N, H) teacher hidden states on the rollout, no gradient (prefix cache when it applies)."""
+        with self.teacher_weights() as lm:
+            if self.prefix is not None and not self.prefix.covers(ro.teacher_ids):
+                self.prefix_misses += 1
+            return teacher_hidden(lm, ro.teacher_ids, ro.responses, self.tok.pad_token_id, self.prefix)
+
+    def student_kl(self, ro: Rollout, t_hidden: torch.Tensor, *, train: bool) -> torch.Tensor:
         """(N,) per-token KL(student || teacher) on the rollout's response tokens.
 
         With train=True the gradient of the token-mean is accumulated into the LoRA weights.
         """
-        pad = self.tok.pad_token_id
-        with self.teacher_weights() as lm:
-            if self.prefix is not None and not self.prefix.covers(ro.teacher_ids):
-                self.prefix_misses += 1
-            t_hidden = teacher_hidden(lm, ro.teacher_ids, ro.responses, pad, self.prefix)  # (N, H)
         base = self.student.get_base_model()
+        pad = self.tok.pad_token_id
         if train:
-            self.student.train()
+            self.student.train()  # LoRA dropout, if any
             s_hidden = response_hidden(base, ro.student_ids, ro.responses, pad)  # (N, H), with grad
             self.student.eval()
-            scale = 1.0 / max(ro.n_tokens, 1)
         else:
             with torch.no_grad():
                 s_hidden = response_hidden(base, ro.student_ids, ro.responses, pad)
-            scale = None
         return chunked_reverse_kl(
             s_hidden, t_hidden, self.student_logits, self.teacher_logits,
-            chunk_size=self.chunk_size, topk=self.kl_topk, backward_scale=scale,
+            chunk_size=self.chunk_size, topk=self.kl_topk,
+            backward_scale=1.0 / max(ro.n_tokens, 1) if train else None,
         )
+
+    def reverse_kl(self, ro: Rollout, *, train: bool) -> torch.Tensor:
+        return self.student_kl(ro, self.teacher_states(ro), train=train)
 
 
 def eos_token_ids(tokenizer, model) -> list[int]:

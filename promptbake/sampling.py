@@ -5,7 +5,7 @@ nucleus filter, stop at EOS):
 
 - `sample` is promptbake's own decode loop: one forward per new token on a KV
   cache, no logits processors, and it ends as soon as every row has emitted EOS.
-  Called inside `merged_lora` it runs on plain weights with the adapter folded in.
+  Run on a `RolloutModel` it uses plain weights with the adapter folded in.
 - `sample_with_generate` calls Hugging Face `generate`, for debugging and as the
   benchmark's baseline.
 
@@ -13,8 +13,6 @@ Both return each row's response token ids, cut after the first EOS (kept).
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 
@@ -34,14 +32,17 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
     """Sample one token per row from (B, V) logits; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)  # (B, V)
     if top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) is an exact draw from p, and
+    # much cheaper on CPU than torch.multinomial over a large vocabulary.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
 
 
 def _cut_at_eos(tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:
@@ -124,30 +125,49 @@ def sample_with_generate(
     return _cut_at_eos(out[:, ids.shape[1] :], eos_ids)
 
 
-@contextmanager
-def merged_lora(peft_model, quantised: bool):
-    """Sample from plain weights W + scale * B @ A, then put the original W back untouched.
+class RolloutModel:
+    """A plain (no LoRA wrappers) copy of the student for sampling, refreshed before each rollout.
 
-    The merged weights are new tensors, so the frozen base (which is also the teacher)
-    is restored bit for bit; merging in place and subtracting again would drift.
-    Quantised bases can't hold a merged weight: they keep the LoRA path.
+    Each refresh writes W + scale * B @ A into the copy's weights, so sampling runs on
+    ordinary linear layers: no per-layer adapter work at every decoded token. The copy
+    may use a cheaper dtype than training (bf16 on CPUs with native bf16, as RL
+    frameworks sample with vLLM in bf16); the loss is still computed by the training
+    weights at full precision, on exactly the tokens sampled here.
     """
-    from peft.tuners.lora import LoraLayer
 
-    if quantised:
-        yield
-        return
-    swapped = []
+    def __init__(self, peft_model, dtype):
+        import copy
+
+        from peft.tuners.lora import LoraLayer
+
+        base = peft_model.get_base_model()
+        plain = copy.deepcopy(peft_model).merge_and_unload()  # same modules, LoRA wrappers removed
+        self.model = plain.to(dtype).eval().requires_grad_(False)
+        self.targets = [
+            (module, self.model.get_submodule(name))
+            for name, module in base.named_modules()
+            if isinstance(module, LoraLayer)
+        ]
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for lora, linear in self.targets:
+            weight = lora.get_base_layer().weight
+            delta = sum(lora.get_delta_weight(name) for name in lora.active_adapters)
+            linear.weight.copy_(weight + delta)
+
+
+def rollout_dtype(train_dtype, device):
+    """bf16 for sampling where the hardware runs it natively and training is fp32; else the training dtype."""
+    if device.type == "cpu" and train_dtype == torch.float32 and _cpu_has_bf16():
+        return torch.bfloat16
+    return train_dtype
+
+
+def _cpu_has_bf16() -> bool:
     try:
-        with torch.no_grad():
-            for module in peft_model.modules():
-                if isinstance(module, LoraLayer) and module.active_adapters:
-                    base = module.get_base_layer()
-                    delta = sum(module.get_delta_weight(name) for name in module.active_adapters)
-                    swapped.append((base, base.weight))
-                    base.weight = torch.nn.Parameter(base.weight + delta, requires_grad=False)
-        with peft_model.disable_adapter():
-            yield
-    finally:
-        for base, weight in swapped:
-            base.weight = weight
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

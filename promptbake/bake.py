@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .config import DistillConfig
-from .data import Messages, load_prompts, read_system_prompt, split_holdout
+from .data import Messages, PromptSet, load_prompt_set, read_system_prompt, split_holdout
 from .errors import ContextTooLongError, InputError, TrainingError
 from .models import resolve_model
 from .output import check_output, make_staging, publish, write_json, write_model_card
@@ -45,7 +45,8 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
     # 1. Everything that can be checked without torch: fail in about a second.
     cfg.validate()
     system = read_system_prompt(cfg.prompt)
-    prompts = load_prompts(cfg.prompts)
+    prompt_set = load_prompt_set(cfg.prompts, prompt_field=cfg.prompt_field, split=cfg.split,
+                                 max_prompts=cfg.max_prompts, seed=cfg.seed)
     check_output(cfg.out, cfg.overwrite)
     template = _read_template(cfg.chat_template)
     src = resolve_model(cfg.model)
@@ -68,11 +69,9 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
         console.print("[yellow]note:[/] the chat template has no system role; the teacher gets the system prompt "
                       "at the start of the first user turn.")
     config = load_config(src, trust_remote_code=cfg.trust_remote_code)
-    prompts, dropped = _fit_context(prompts, renderer, context_length(config), cfg.max_new_tokens)
-    if dropped:
-        console.print(f"[yellow]note:[/] dropped {dropped} prompt(s) too long for the context with "
-                      f"{cfg.max_new_tokens} new tokens.")
-    train, heldout = split_holdout(prompts, cfg.holdout, cfg.seed)
+    prompt_set = _fit_context(prompt_set, renderer, context_length(config), cfg.max_new_tokens)
+    console.print(f"prompts: {prompt_set.describe()}", markup=False, highlight=False, soft_wrap=True)
+    train, heldout = split_holdout(prompt_set.prompts, cfg.holdout, cfg.seed)
     vocab = config.get_text_config().vocab_size
     if cfg.kl_topk > vocab:
         raise InputError(f"--kl-topk {cfg.kl_topk} is larger than the vocabulary ({vocab} tokens); use 0 for exact KL.")
@@ -156,7 +155,9 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
         wall = time.time() - started
         peak_mb = _peak_memory_mb(device)
         record = _record(cfg, system, config, quant, device, dtype, renderer, pair,
-                         dict(train=len(train), heldout=len(heldout), dropped_too_long=dropped),
+                         dict(source=cfg.prompts, read=prompt_set.rows, dropped=prompt_set.dropped,
+                              train=len(train), heldout=len(heldout),
+                              dropped_too_long=prompt_set.dropped.get("too_long", 0)),
                          dict(heldout_kl_before=kl_before, heldout_kl_after=kl_after, steps=cfg.steps,
                               wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1)))
         write_json(staging / "promptbake.json", record)
@@ -222,10 +223,10 @@ def _read_template(path: Path | None) -> str | None:
     return text
 
 
-def _fit_context(prompts: list[Messages], renderer, ctx: int | None, max_new: int) -> tuple[list[Messages], int]:
+def _fit_context(prompt_set: PromptSet, renderer, ctx: int | None, max_new: int) -> PromptSet:
     """Keep prompts whose teacher input plus a full response fits; the system prompt itself must fit."""
     if ctx is None:
-        return prompts, 0
+        return prompt_set
     shortest = len(renderer.teacher_ids([{"role": "user", "content": "?"}]))
     if shortest + max_new > ctx:
         raise ContextTooLongError(
@@ -233,13 +234,13 @@ def _fit_context(prompts: list[Messages], renderer, ctx: int | None, max_new: in
             f"the model's context of {ctx} tokens. Shorten the prompt or lower --max-new-tokens; "
             "promptbake never truncates the system prompt."
         )
-    kept = [m for m in prompts if len(renderer.teacher_ids(m)) + max_new <= ctx]
-    if not kept:
+    kept = prompt_set.keep(lambda m: len(renderer.teacher_ids(m)) + max_new <= ctx, "too_long")
+    if not kept.prompts:
         raise ContextTooLongError(
-            f"all {len(prompts)} prompts are too long for the context of {ctx} tokens with the system prompt "
+            f"all {len(prompt_set)} prompts are too long for the context of {ctx} tokens with the system prompt "
             f"and {max_new} new tokens; lower --max-new-tokens or use shorter prompts."
         )
-    return kept, len(prompts) - len(kept)
+    return kept
 
 
 def _add_lora(base, cfg: DistillConfig):

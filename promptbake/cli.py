@@ -80,6 +80,85 @@ distill_command.__signature__ = inspect.Signature(_config_parameters(DistillConf
 app.command("distill", help=distill_command.__doc__)(distill_command)
 
 
+def _field(name: str):
+    """A DistillConfig field, so `prompts` shares distill's defaults and help text."""
+    return next(f for f in fields(DistillConfig) if f.name == name)
+
+
+def _same_as_distill(name: str):
+    return typer.Option(flag(name), help=_field(name).metadata["help"])
+
+
+@app.command("prompts")
+def prompts_command(
+    source: Annotated[Optional[str], typer.Argument(
+        help="A bundled set, a file, a save_to_disk folder or a hub dataset id. Leave out to list what is bundled."
+    )] = None,
+    prompt_field: Annotated[str, _same_as_distill("prompt_field")] = _field("prompt_field").default,
+    split: Annotated[str, _same_as_distill("split")] = _field("split").default,
+    max_prompts: Annotated[int, _same_as_distill("max_prompts")] = _field("max_prompts").default,
+    seed: Annotated[int, _same_as_distill("seed")] = _field("seed").default,
+):
+    """List the bundled prompt sets, or show what a prompt source yields before a bake."""
+    from . import data
+
+    out = Console()
+    if source is None:
+        _print_bundled(out, _run(data.bundled_sets), _run(data.example_system_prompts))
+        return
+    ps = _run(data.load_prompt_set, source, prompt_field=prompt_field, split=split, max_prompts=max_prompts,
+              seed=seed)
+    _print_prompt_set(out, ps)
+
+
+def _print_bundled(out: Console, sets, systems) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="Bundled prompt sets (--prompts NAME)", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("prompts", justify="right")
+    table.add_column("use")
+    for s in sets:
+        table.add_row(s.name, str(s.size), s.use)
+    out.print(table)
+    table = Table(title="Example system prompts (--prompt FILE)", title_justify="left")
+    table.add_column("name", style="bold")
+    table.add_column("words", justify="right")
+    table.add_column("checks", justify="right")
+    table.add_column("file", overflow="fold")
+    for p in systems:
+        table.add_row(p.name, str(p.words), str(p.checks), Text(str(p.path)))
+    out.print(table)
+
+
+def _print_prompt_set(out: Console, ps, show: int = 5) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    out.print(ps.describe(), markup=False, highlight=False, soft_wrap=True)
+    table = Table(title=f"first {min(show, len(ps))}, in the order --seed gives", title_justify="left")
+    table.add_column("#", justify="right", min_width=len(str(show)))
+    table.add_column("turns", justify="right", min_width=5)
+    # One line per prompt, cut to what is left of the terminal after the other two columns.
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=max(20, out.width - 20))
+    for i, messages in enumerate(ps.prompts[:show], start=1):
+        table.add_row(str(i), str(len(messages)), Text(_compact(messages)))  # Text: brackets aren't markup
+    out.print(table)
+    out.print("Prompts too long for the model's context are dropped when a bake starts, once its tokenizer "
+              "is known; distill reports how many.", style="dim", highlight=False)
+
+
+def _compact(messages) -> str:
+    """A single user turn as it is; a conversation as one 'role: text' line per turn, the newest last."""
+    if len(messages) == 1:
+        return " ".join(messages[0]["content"].split())
+    lines = [f"{m['role']}: {' '.join(m['content'].split())}" for m in messages]
+    if len(lines) > 3:
+        lines = [f"({len(lines) - 2} earlier turns)", *lines[-2:]]
+    return "\n".join(lines)
+
+
 @app.callback()
 def main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,

@@ -33,8 +33,14 @@ class DistillConfig:
     )
     prompts: str = _opt(
         "default",
-        "User prompts to practise on: a bundled set name (default, ood, eval) or a .txt/.jsonl file.",
+        "User prompts to practise on: a bundled set (default, eval, ood), a .txt/.jsonl/.json/.csv/.parquet file, "
+        "a datasets save_to_disk folder, or a hub dataset id. Check one first with `promptbake prompts SOURCE`.",
     )
+    prompt_field: str = _opt(
+        "prompt", "Field holding each prompt (a string, or a chat `messages` list) in json/csv/parquet/dataset sources."
+    )
+    split: str = _opt("train", "Split to read from a dataset folder or hub dataset.")
+    max_prompts: int = _opt(0, "Use at most this many prompts, drawn after shuffling with --seed (0 = all).")
     overwrite: bool = _opt(False, "Replace --out if it already exists.")
 
     # Training.
@@ -44,7 +50,7 @@ class DistillConfig:
     max_new_tokens: int = _opt(64, "Longest sampled response, in tokens.")
     temperature: float = _opt(1.0, "Sampling temperature for student rollouts (0 = greedy).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold for student rollouts (1 = off).")
-    seed: int = _opt(0, "Seed for the prompt split, prompt order, sampling and LoRA init.")
+    seed: int = _opt(0, "Seed for the prompt shuffle and split, prompt order, sampling and LoRA init.")
     holdout: float = _opt(0.1, "Fraction of the prompt set kept apart for before/after evaluation.")
 
     # LoRA and precision.
@@ -98,6 +104,8 @@ class DistillConfig:
             raise InputError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         if not (0 < self.holdout < 1):
             raise InputError(f"--holdout must be a fraction between 0 and 1 (got {self.holdout}).")
+        if self.max_prompts < 0:
+            raise InputError(f"--max-prompts must be 0 (all) or a positive number (got {self.max_prompts}).")
         if self.kl_topk < 0:
             raise InputError(f"--kl-topk must be 0 (full vocabulary) or a positive K (got {self.kl_topk}).")
         for f in fields(self):

@@ -56,17 +56,24 @@ def resolve_model(spec: str, what: str = "model") -> ModelSource:
     return ModelSource(spec, spec, local_files_only=not _hub_reachable_or_cached(spec, what))
 
 
-def _hub_reachable_or_cached(repo_id: str, what: str) -> bool:
-    """True if the hub can be used; False if only the local cache can. Raises if neither."""
+def _hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -> bool:
+    """True if the hub can be used; False if only the local cache can. Raises if neither.
+
+    repo_type "model" looks for the repo's config.json in the cache, "dataset" for its README.md
+    (the dataset card `datasets` downloads first).
+    """
     from huggingface_hub import constants, try_to_load_from_cache
 
-    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    probe = "config.json" if repo_type == "model" else "README.md"
+    cached = isinstance(try_to_load_from_cache(repo_id, probe, repo_type=repo_type), str)
+    error, instead = ((ModelLoadError, "a local folder or .gguf file") if repo_type == "model"
+                      else (InputError, "a local file or save_to_disk folder"))
     if constants.HF_HUB_OFFLINE:
         if cached:
             return False
-        raise ModelLoadError(
+        raise error(
             f"{what} {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1; "
-            "pass a local folder or .gguf file instead."
+            f"pass {instead} instead."
         )
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
@@ -74,10 +81,10 @@ def _hub_reachable_or_cached(repo_id: str, what: str) -> bool:
         return True
     except OSError:
         if cached:
-            return False  # use the cache rather than letting transformers retry for ~47 s
-        raise ModelLoadError(
+            return False  # use the cache rather than letting the library retry for ~47 s
+        raise error(
             f"can't reach {host} to download {what} {repo_id}, and it is not in the local cache; "
-            "pass a local folder or .gguf file instead."
+            f"pass {instead} instead."
         ) from None
 
 

@@ -6,6 +6,7 @@ about a second; the `load_*` functions import transformers when called.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -163,7 +164,8 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        with _no_gguf_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}") from None
     if quant == "none":
@@ -172,6 +174,19 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
     model.eval()  # no dropout in the base; LoRA dropout is set on the adapter
     torch.set_grad_enabled(True)
     return model
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF loader draws a tqdm bar that ignores its progress-bar setting; hide it."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable, **_: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def check_tokenizers_match(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int) -> int:

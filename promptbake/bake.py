@@ -3,12 +3,14 @@
 inputs -> tokenizer and renders -> model + LoRA -> held-out KL before ->
 OPCD steps (rollout, teacher pass, reverse KL, AdamW) -> held-out KL after ->
 adapter, merged checkpoint, record -> publish the output folder.
+
+While it runs, OUT.work/ beside the output keeps checkpoints so a stopped bake
+resumes where it stopped (checkpoint.py); a finished bake removes it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import resource
@@ -19,11 +21,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .checkpoint import WorkFolder, run_settings, work_path
 from .config import DistillConfig
 from .data import Messages, PromptSet, load_prompt_set, read_system_prompt, split_holdout
-from .errors import ContextTooLongError, InputError, TrainingError
+from .errors import ContextTooLongError, InputError, TrainingError, WriteError, describe, is_out_of_memory
 from .models import resolve_model
-from .output import check_output, make_staging, publish, write_json, write_model_card
+from .output import check_output, is_write_error, make_staging, publish, write_json, write_model_card
 
 
 @dataclass
@@ -49,8 +52,8 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
                                  max_prompts=cfg.max_prompts, seed=cfg.seed)
     check_output(cfg.out, cfg.overwrite)
     template = _read_template(cfg.chat_template)
-    src = resolve_model(cfg.model)
-    teacher_src = resolve_model(cfg.teacher, "teacher model") if cfg.teacher else None
+    src = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    teacher_src = resolve_model(cfg.teacher, "teacher model", allow_pickle=cfg.allow_pickle) if cfg.teacher else None
 
     # 2. Tokenizer, renders and length checks, still before any weights are loaded.
     quiet_libraries()
@@ -63,6 +66,9 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
 
     device, dtype = pick_device_and_dtype()
     quant = resolve_quant(cfg.quant, device)
+    # A stopped bake left OUT.work/: resume it if the settings match, refuse (naming one) if not.
+    settings = run_settings(cfg, system=system, prompts=prompt_set.prompts, template=template, quant=quant, dtype=dtype)
+    work = WorkFolder.open(cfg.out, settings, steps=cfg.steps, resume=cfg.resume, console=console)
     tok = load_tokenizer(src, chat_template=template, trust_remote_code=cfg.trust_remote_code)
     renderer = Renderer(tok, system, cfg.model)
     if not renderer.system_role:
@@ -97,16 +103,16 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
 
-    staging = make_staging(cfg.out)
     try:
-        metrics_file = (staging / "metrics.jsonl").open("w", encoding="utf-8")
-        # 4. Held-out KL before training (the adapter starts at zero: student == base).
-        kl_before = _heldout_kl(pair, heldout, cfg, device, console, "before")
+        # 4. Held-out KL before training (the adapter starts at zero: student == base). Kept in the work
+        #    folder, so a resumed bake doesn't measure it again on trained weights.
+        kl_before = work.once("heldout_kl_before", lambda: _heldout_kl(pair, heldout, cfg, device, console, "before"))
 
-        # 5. The OPCD loop: a fresh on-policy batch every step, one optimizer step each.
-        log = _StepLog(console, cfg.steps)
-        with log:
-            for step in range(1, cfg.steps + 1):
+        # 5. The OPCD loop: a fresh on-policy batch every step, one optimizer step each. `run` starts after the
+        #    last checkpoint, saves new ones, and turns Ctrl-C / SIGTERM into a checkpoint and a clean exit.
+        with (work.training(student, optimizer, steps=cfg.steps, save_every=cfg.save_every) as run,
+              _StepLog(console, cfg.steps, run.done) as log):
+            for step in range(run.done + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 batch = [train[i] for i in batch_indices(len(train), cfg.batch_size, step, cfg.seed)]
                 torch.manual_seed(_step_seed(cfg.seed, step))  # LoRA dropout
@@ -120,56 +126,84 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
                 loss = kl.mean().item()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise TrainingError(
-                        f"step {step}: the loss or gradient became {loss if not math.isfinite(loss) else grad_norm}; "
-                        f"nothing was written. Lower --lr (now {cfg.lr}) or use --quant none."
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                t4 = time.perf_counter()
-                row = {
-                    "step": step, "kl": round(loss, 6), "response_tokens": ro.n_tokens,
-                    "tokens_per_s": round(ro.n_tokens / (t1 - t0), 2), "grad_norm": round(grad_norm, 6),
-                    "rollout_s": round(t1 - t0, 3), "teacher_s": round(t2 - t1, 3), "student_s": round(t3 - t2, 3),
-                    "optim_s": round(t4 - t3, 3), "step_s": round(t4 - t0, 3), "lr": cfg.lr,
-                }
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                    bad = loss if not math.isfinite(loss) else grad_norm
+                    raise _diverged(f"step {step}: the loss or gradient became {bad}", cfg, run.kept())
+                with run.update():  # Ctrl-C waits for this block: the update, its metrics row and checkpoint
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if not torch.stack([p.isfinite().all() for p in params]).all():  # never checkpoint inf weights
+                        raise _diverged(f"step {step}: the update made the LoRA weights inf or nan", cfg, run.kept())
+                    t4 = time.perf_counter()
+                    row = {
+                        "step": step, "kl": round(loss, 6), "response_tokens": ro.n_tokens,
+                        "tokens_per_s": round(ro.n_tokens / (t1 - t0), 2), "grad_norm": round(grad_norm, 6),
+                        "rollout_s": round(t1 - t0, 3), "teacher_s": round(t2 - t1, 3),
+                        "student_s": round(t3 - t2, 3), "optim_s": round(t4 - t3, 3), "step_s": round(t4 - t0, 3),
+                        "lr": cfg.lr,
+                    }
+                    run.finished(step, row)  # metrics.jsonl; a checkpoint every --save-every steps and at the end
                 log.step(row)
                 if step == 1 and pair.prefix is not None and pair.prefix_misses:
                     console.print("[yellow]note:[/] the system prompt doesn't render as the same leading tokens "
                                   "for every prompt; the teacher runs full passes instead of reusing its prefix cache.")
-        metrics_file.close()
 
         # 6. Held-out KL after training, on the same prompts with the same sampling seed.
         kl_after = _heldout_kl(pair, heldout, cfg, device, console, "after")
+        if not math.isfinite(kl_after):  # never merge weights whose outputs are inf/nan
+            raise _diverged(f"after training the held-out KL is {kl_after}", cfg, f"{work.path} is kept")
 
-        # 7. Adapter, merged full-precision checkpoint, tokenizer, record, model card.
+        # 7. Adapter, merged full-precision checkpoint, tokenizer, record, model card: built in a hidden
+        #    folder and renamed to --out only when complete, so an earlier --out survives any failure.
         console.print("merging the adapter into the full-precision base")
-        student.save_pretrained(staging / "adapter")
-        from .merge import save_merged
+        staging = make_staging(cfg.out)
+        try:
+            student.save_pretrained(staging / "adapter")
+            from .merge import save_merged
 
-        save_merged(student, staging / "adapter", staging, src=src, quantised=quant != "none", dtype=dtype,
-                    trust_remote_code=cfg.trust_remote_code)
-        tok.save_pretrained(staging)
-        wall = time.time() - started
-        peak_mb = _peak_memory_mb(device)
-        record = _record(cfg, system, config, quant, device, dtype, renderer, pair,
-                         dict(source=cfg.prompts, read=prompt_set.rows, dropped=prompt_set.dropped,
-                              train=len(train), heldout=len(heldout),
-                              dropped_too_long=prompt_set.dropped.get("too_long", 0)),
-                         dict(heldout_kl_before=kl_before, heldout_kl_after=kl_after, steps=cfg.steps,
-                              wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1)))
-        write_json(staging / "promptbake.json", record)
-        write_model_card(staging, record)
-        publish(staging, cfg.out, cfg.overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            save_merged(student, staging / "adapter", staging, src=src, quantised=quant != "none", dtype=dtype,
+                        trust_remote_code=cfg.trust_remote_code)
+            tok.save_pretrained(staging)
+            shutil.copyfile(work.path / "metrics.jsonl", staging / "metrics.jsonl")
+            wall = time.time() - started
+            peak_mb = _peak_memory_mb(device)
+            record = _record(cfg, system, config, quant, device, dtype, renderer, pair,
+                             dict(source=cfg.prompts, read=prompt_set.rows, dropped=prompt_set.dropped,
+                                  train=len(train), heldout=len(heldout),
+                                  dropped_too_long=prompt_set.dropped.get("too_long", 0)),
+                             dict(heldout_kl_before=kl_before, heldout_kl_after=kl_after, steps=cfg.steps,
+                                  wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1)))
+            write_json(staging / "promptbake.json", record)
+            write_model_card(staging, record)
+            publish(staging, cfg.out, cfg.overwrite)
+        except Exception as err:
+            if not is_write_error(err):
+                raise
+            raise WriteError(
+                f"can't write --out {cfg.out} ({describe(err)}); it was left as it was. The trained adapter is "
+                f"kept in {work.path}: free some space and run the same command again to finish without retraining."
+            ) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when published
+    except (MemoryError, RuntimeError) as err:
+        if "probability tensor contains" in str(err):  # sampling met inf/nan logits: the weights diverged
+            raise _diverged("the model's outputs became inf or nan", cfg, f"{work.path} is kept") from None
+        if not is_out_of_memory(err):
+            raise
+        raise TrainingError(
+            f"out of memory ({describe(err)}). To use less: lower --batch-size (now {cfg.batch_size}), "
+            f"--max-new-tokens (now {cfg.max_new_tokens}) or --chunk-size (now {cfg.chunk_size}), or train on a "
+            f"quantised base with --quant 4bit. Only --chunk-size can change when resuming from {work.path}."
+        ) from None
+    work.remove()  # the output holds everything now
 
     result = DistillResult(cfg.out, kl_before, kl_after, cfg.steps, wall, peak_mb, record)
     _print_summary(console, result, device)
     return result
+
+
+def _diverged(what: str, cfg: DistillConfig, kept: str) -> TrainingError:
+    return TrainingError(f"{what}; nothing was written to {cfg.out} and {kept}. Lower --lr (now {cfg.lr}) or use "
+                         f"--quant none, and delete {work_path(cfg.out)} to start afresh.")
 
 
 def quiet_libraries() -> None:
@@ -291,6 +325,7 @@ def _record(cfg, system, config, quant, device, dtype, renderer, pair, prompts, 
         "base_model": cfg.model,
         "teacher_model": cfg.teacher or cfg.model,
         "system_prompt_sha256": hashlib.sha256(system.encode("utf-8")).hexdigest(),
+        **({"system_prompt": system} if cfg.record_prompt else {}),  # confidential unless asked
         "architecture": (config.architectures or [config.model_type])[0],
         "vocab_size": config.get_text_config().vocab_size,
         "settings": cfg.to_record(),
@@ -308,7 +343,7 @@ def _record(cfg, system, config, quant, device, dtype, renderer, pair, prompts, 
 class _StepLog:
     """A live progress bar on a terminal; one plain line per step elsewhere (CI logs)."""
 
-    def __init__(self, console: Console, steps: int):
+    def __init__(self, console: Console, steps: int, done: int = 0):
         self.console, self.steps = console, steps
         self.progress = None
         if console.is_terminal:
@@ -319,7 +354,7 @@ class _StepLog:
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                 console=console, transient=False,
             )
-            self.task = self.progress.add_task("bake", total=steps, info="sampling first batch")
+            self.task = self.progress.add_task("bake", total=steps, completed=done, info="sampling first batch")
 
     def __enter__(self):
         if self.progress:

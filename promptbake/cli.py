@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import inspect
+import signal
 import sys
+import threading
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +20,7 @@ import typer
 from rich.console import Console
 
 from .config import DistillConfig, flag
-from .errors import PromptbakeError
+from .errors import Interrupted, PromptbakeError, Terminated
 
 app = typer.Typer(
     name="promptbake",
@@ -57,15 +59,29 @@ def _config_parameters(cls) -> list[inspect.Parameter]:
 
 
 def _run(fn, *args, **kwargs):
-    """Call library code; turn its errors and Ctrl-C into one line and an exit code."""
+    """Call library code; turn its errors, Ctrl-C and SIGTERM into one line and an exit code."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # SIGTERM (CI cancel, pre-emption) unwinds like Ctrl-C, so temporary files go
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return fn(*args, **kwargs)
+    except Interrupted as err:
+        err_console.print(f"[bold red]interrupted:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code) from None
     except PromptbakeError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]: nothing was written.")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as err:
+        err_console.print("[bold red]interrupted:[/] the output was not written; running the same command again "
+                          "continues from the last checkpoint, if one was saved.", highlight=False)
+        raise typer.Exit(143 if isinstance(err, Terminated) else 130) from None
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def distill_command(**options):
@@ -172,3 +188,7 @@ def main(
 
 def entry() -> None:
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m promptbake.cli
+    entry()

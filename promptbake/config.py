@@ -42,6 +42,14 @@ class DistillConfig:
     split: str = _opt("train", "Split to read from a dataset folder or hub dataset.")
     max_prompts: int = _opt(0, "Use at most this many prompts, drawn after shuffling with --seed (0 = all).")
     overwrite: bool = _opt(False, "Replace --out if it already exists.")
+    resume: bool = _opt(
+        False,
+        "Continue the interrupted bake kept in OUT.work/ (re-running the same command also does). "
+        "Without a work folder this is an error.",
+    )
+    save_every: int = _opt(
+        10, "Save a checkpoint to OUT.work/ every N steps (and at least every 10 minutes) so a stopped bake can resume."
+    )
 
     # Training.
     steps: int = _opt(30, "Optimizer steps; each samples a fresh batch of prompts.")
@@ -80,6 +88,12 @@ class DistillConfig:
     # Templates and trust.
     chat_template: Path | None = _opt(None, "Jinja chat template file, for tokenizers that have none.")
     trust_remote_code: bool = _opt(False, "Allow the model repository to run its own Python code.")
+    allow_pickle: bool = _opt(
+        False, "Load weights stored only as pickle (pytorch_model.bin), which can run code: only for sources you trust."
+    )
+    record_prompt: bool = _opt(
+        False, "Store the system prompt's text in promptbake.json. By default only its SHA-256 is recorded anywhere."
+    )
 
     def validate(self) -> None:
         """Check values that need no file or model; raise InputError naming the option."""
@@ -88,7 +102,8 @@ class DistillConfig:
         if self.prompt is None:
             raise InputError("--prompt is required: a text file holding the system prompt.")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
-                    "lora_rank": self.lora_rank, "chunk_size": self.chunk_size}
+                    "lora_rank": self.lora_rank, "chunk_size": self.chunk_size,
+                    "save_every": self.save_every}
         for name, value in positive.items():
             if value < 1:
                 raise InputError(f"{flag(name)} must be at least 1 (got {value}).")

@@ -5,6 +5,8 @@ to do next. The CLI prints them on one line and exits non-zero; a Python caller
 can catch `PromptbakeError` (or a subclass) and show `str(err)`.
 """
 
+import re
+
 
 class PromptbakeError(Exception):
     """Base class: a problem with the user's input or environment, not a bug."""
@@ -40,3 +42,37 @@ class TrainingError(PromptbakeError):
     """Training stopped: the loss became NaN/inf or memory ran out."""
 
     exit_code = 3
+
+
+class WriteError(PromptbakeError):
+    """A checkpoint or the output couldn't be written (disk full, permissions); the run can be resumed."""
+
+    exit_code = 3
+
+
+class Interrupted(PromptbakeError):
+    """Ctrl-C or SIGTERM stopped the bake after a checkpoint was saved; exit 130 or 143 like the shell."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception, so that cleanup runs for it as it does for Ctrl-C."""
+
+
+def describe(err: BaseException) -> str:
+    """A short reason for a message: an OSError's own text ("No space left on device"), else the first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    wrapped = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))  # safetensors' wrapping of an OSError
+    if wrapped:
+        return wrapped.group(1)
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for host or GPU out-of-memory errors (torch.OutOfMemoryError is a RuntimeError)."""
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())

@@ -27,6 +27,7 @@ class ModelSource:
     path: str  # folder, hub id, or the folder holding the .gguf file
     gguf_file: str | None = None
     local_files_only: bool = False
+    allow_pickle: bool = False  # --allow-pickle: accept pytorch_model.bin weights
 
     @property
     def kwargs(self) -> dict:
@@ -36,8 +37,12 @@ class ModelSource:
         return kw
 
 
-def resolve_model(spec: str, what: str = "model") -> ModelSource:
-    """Turn --model/--teacher into a ModelSource, failing fast on missing paths and unreachable hubs."""
+_PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def resolve_model(spec: str, what: str = "model", *, allow_pickle: bool = False) -> ModelSource:
+    """Turn --model/--teacher into a ModelSource, failing fast on missing paths, unreachable hubs and
+    folders whose weights exist only as pickle files (unpickling can run code) unless allow_pickle."""
     path = Path(spec).expanduser()
     looks_local = path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     if looks_local:
@@ -51,10 +56,16 @@ def resolve_model(spec: str, what: str = "model") -> ModelSource:
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f" It holds {ggufs[0]}: pass that file instead." if ggufs else ""
             raise InputError(f"{what} folder {spec} has no config.json, so it isn't a Hugging Face model.{hint}")
-        return ModelSource(spec, str(path))
+        pickles = sorted(p.name for pattern in _PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickles and not any(path.glob("*.safetensors")) and not allow_pickle:
+            raise InputError(
+                f"{what} folder {spec} holds its weights only as pickle ({pickles[0]}), and loading pickle can run "
+                "code: convert it to safetensors, or pass --allow-pickle if you trust where it came from."
+            )
+        return ModelSource(spec, str(path), allow_pickle=allow_pickle)
     if not _HUB_ID.match(spec):
         raise InputError(f"{what} {spec!r} is neither an existing path nor a hub id like org/name.")
-    return ModelSource(spec, spec, local_files_only=not _hub_reachable_or_cached(spec, what))
+    return ModelSource(spec, spec, local_files_only=not _hub_reachable_or_cached(spec, what), allow_pickle=allow_pickle)
 
 
 def _hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -> bool:
@@ -155,6 +166,8 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, **src.kwargs}
+    if not src.gguf_file and not src.allow_pickle:
+        kwargs["use_safetensors"] = True  # a hub repo with only pytorch_model.bin fails here instead of unpickling
     if quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
@@ -167,6 +180,11 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
         with _no_gguf_progress_bar():
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:
+        if kwargs.get("use_safetensors") and "safetensors" in str(err):
+            raise ModelLoadError(
+                f"model {src.spec} has no safetensors weights, and loading pickle weights can run code: "
+                "pass --allow-pickle if you trust where it came from."
+            ) from None
         raise ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}") from None
     if quant == "none":
         model.to(device)

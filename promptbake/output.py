@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputExistsError, WriteError
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -29,8 +29,16 @@ def check_output(out: Path, overwrite: bool) -> None:
 def make_staging(out: Path) -> Path:
     """An empty hidden folder beside `out` to build the result in."""
     out = Path(out)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    try:
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    except OSError as err:
+        raise WriteError(f"can't create a folder beside --out {out} ({err.strerror or err}).") from None
+
+
+def is_write_error(err: BaseException) -> bool:
+    """An OSError, or a library's wrapping of one: safetensors raises SafetensorError('... I/O error: ...')."""
+    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError" and "I/O error" in str(err))
 
 
 def publish(staging: Path, out: Path, overwrite: bool) -> None:
@@ -40,18 +48,38 @@ def publish(staging: Path, out: Path, overwrite: bool) -> None:
     complete result or the new complete one.
     """
     out = Path(out)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; give it the user's usual mode
+    apply_umask(staging)
     if out.exists():
         if not overwrite:
-            raise OutputExistsError(f"--out {out} appeared while baking; the result is kept in {staging}.")
+            raise OutputExistsError(f"--out {out} appeared while baking; pass --overwrite and run the same command "
+                                    "again to write the result from the saved checkpoint.")
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
         os.replace(out, old / out.name)
-        os.replace(staging, out)
+        try:
+            os.replace(staging, out)
+        except BaseException:
+            os.replace(old / out.name, out)  # put the earlier output back
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)
+
+
+def apply_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain `open`/`mkdir` would have had.
+
+    mkdtemp makes folders 0700 and safetensors writes files 0600; a checkpoint others
+    should be able to read (or a CI artifact) wants the user's umask instead.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -66,6 +94,8 @@ def write_model_card(folder: Path, record: dict) -> None:
         figures = (
             f"| held-out reverse KL per token (student ‖ prompted teacher) | {before:.4f} | {after:.4f} |\n"
         )
+    stored = ("The system prompt was recorded in `promptbake.json` (--record-prompt)" if "system_prompt" in record
+              else "The system prompt itself is not stored here")
     card = f"""---
 base_model: {record["base_model"]}
 library_name: transformers
@@ -82,7 +112,7 @@ This checkpoint is `{record["base_model"]}` with a system prompt baked into its 
 the system prompt (student) and the same model with it (teacher), then merged into the
 full-precision base. Use it with **no system prompt**.
 
-The system prompt itself is not stored here; its SHA-256 is
+{stored}; its SHA-256 is
 `{record["system_prompt_sha256"]}`.
 
 | figure | before | after |

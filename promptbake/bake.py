@@ -22,6 +22,7 @@ from rich.console import Console
 from .config import DistillConfig
 from .data import Messages, load_prompts, read_system_prompt, split_holdout
 from .errors import ContextTooLongError, InputError, TrainingError
+from .evaluate import after_distill, find_eval_checks
 from .models import resolve_model
 from .output import check_output, make_staging, publish, write_json, write_model_card
 
@@ -46,6 +47,7 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
     cfg.validate()
     system = read_system_prompt(cfg.prompt)
     prompts = load_prompts(cfg.prompts)
+    checks = find_eval_checks(cfg)
     check_output(cfg.out, cfg.overwrite)
     template = _read_template(cfg.chat_template)
     src = resolve_model(cfg.model)
@@ -150,12 +152,14 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
         save_merged(student, staging / "adapter", staging, src=src, quantised=quant != "none", dtype=dtype,
                     trust_remote_code=cfg.trust_remote_code)
         tok.save_pretrained(staging)
+        evaluation = after_distill(cfg, staging, heldout, checks, console) if cfg.eval else None
         wall = time.time() - started
         peak_mb = _peak_memory_mb(device)
         record = _record(cfg, system, config, quant, device, dtype, renderer, pair,
                          dict(train=len(train), heldout=len(heldout), dropped_too_long=dropped),
                          dict(heldout_kl_before=kl_before, heldout_kl_after=kl_after, steps=cfg.steps,
-                              wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1)))
+                              wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1),
+                              eval=evaluation.to_json() if evaluation else None))
         write_json(staging / "promptbake.json", record)
         write_model_card(staging, record)
         publish(staging, cfg.out, cfg.overwrite)

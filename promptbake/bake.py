@@ -25,6 +25,7 @@ from .checkpoint import WorkFolder, run_settings, work_path
 from .config import DistillConfig
 from .data import Messages, PromptSet, load_prompt_set, read_system_prompt, split_holdout
 from .errors import ContextTooLongError, InputError, TrainingError, WriteError, describe, is_out_of_memory
+from .evaluate import after_distill, find_eval_checks
 from .models import resolve_model
 from .output import check_output, is_write_error, make_staging, publish, write_json, write_model_card
 
@@ -50,6 +51,7 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
     system = read_system_prompt(cfg.prompt)
     prompt_set = load_prompt_set(cfg.prompts, prompt_field=cfg.prompt_field, split=cfg.split,
                                  max_prompts=cfg.max_prompts, seed=cfg.seed)
+    checks = find_eval_checks(cfg)
     check_output(cfg.out, cfg.overwrite)
     template = _read_template(cfg.chat_template)
     src = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
@@ -164,6 +166,7 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
                         trust_remote_code=cfg.trust_remote_code)
             tok.save_pretrained(staging)
             shutil.copyfile(work.path / "metrics.jsonl", staging / "metrics.jsonl")
+            evaluation = after_distill(cfg, staging, heldout, checks, console) if cfg.eval else None
             wall = time.time() - started
             peak_mb = _peak_memory_mb(device)
             record = _record(cfg, system, config, quant, device, dtype, renderer, pair,
@@ -171,7 +174,8 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
                                   train=len(train), heldout=len(heldout),
                                   dropped_too_long=prompt_set.dropped.get("too_long", 0)),
                              dict(heldout_kl_before=kl_before, heldout_kl_after=kl_after, steps=cfg.steps,
-                                  wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1)))
+                                  wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1),
+                                  eval=evaluation.to_json() if evaluation else None))
             write_json(staging / "promptbake.json", record)
             write_model_card(staging, record)
             publish(staging, cfg.out, cfg.overwrite)

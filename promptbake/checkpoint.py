@@ -44,6 +44,7 @@ KEEP = 2  # checkpoints kept: if the newest is unreadable, the one before it sti
 # batches that depend only on (seed, step), a longer bake equals one started with the larger
 # --steps. The files behind --prompt, --prompts and --chat-template are compared by content.
 _MAY_DIFFER = {"out", "overwrite", "resume", "save_every", "record_prompt", "allow_pickle", "trust_remote_code",
+               "eval", "checks", "min_gap_closed", "min_pass_rate",  # evaluation after training only
                "steps", "chunk_size", "prompt", "prompts", "chat_template"}
 _NAMES = {
     "system_prompt_sha256": "the system prompt (--prompt file contents)",

@@ -95,6 +95,20 @@ class DistillConfig:
         False, "Store the system prompt's text in promptbake.json. By default only its SHA-256 is recorded anywhere."
     )
 
+    # Evaluation of the merged checkpoint (a short `promptbake eval`), recorded in promptbake.json.
+    eval: bool = _opt(
+        True, "After the bake, compare baked, teacher and base on up to 16 held-out prompts: checks and KL gap closed."
+    )
+    checks: Path | None = _opt(
+        None, "Checks file (TOML) for that evaluation. Default: NAME.checks.toml beside --prompt, if there is one."
+    )
+    min_gap_closed: float | None = _opt(
+        None, "Exit with code 4 if the bake closes less than this fraction of the base-to-teacher reverse-KL gap."
+    )
+    min_pass_rate: float | None = _opt(
+        None, "Exit with code 4 if a check's baked pass rate is below this fraction of the teacher's."
+    )
+
     def validate(self) -> None:
         """Check values that need no file or model; raise InputError naming the option."""
         if not self.model:
@@ -123,6 +137,9 @@ class DistillConfig:
             raise InputError(f"--max-prompts must be 0 (all) or a positive number (got {self.max_prompts}).")
         if self.kl_topk < 0:
             raise InputError(f"--kl-topk must be 0 (full vocabulary) or a positive K (got {self.kl_topk}).")
+        if not self.eval and (self.min_gap_closed is not None or self.min_pass_rate is not None):
+            raise InputError("--min-gap-closed and --min-pass-rate need the evaluation: drop --no-eval.")
+        check_thresholds(self.min_gap_closed, self.min_pass_rate)
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -131,6 +148,15 @@ class DistillConfig:
     def to_record(self) -> dict[str, Any]:
         """JSON-safe settings for promptbake.json (paths as strings)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def check_thresholds(min_gap_closed: float | None, min_pass_rate: float | None, max_drift: float | None = None) -> None:
+    """Quality-gate thresholds: fractions in [0, 1], and a non-negative KL for drift."""
+    for name, value in (("min_gap_closed", min_gap_closed), ("min_pass_rate", min_pass_rate)):
+        if value is not None and not (0 <= value <= 1):
+            raise InputError(f"{flag(name)} must be a fraction between 0 and 1 (got {value}).")
+    if max_drift is not None and not (math.isfinite(max_drift) and max_drift >= 0):
+        raise InputError(f"--max-drift must be a KL per token of 0 or more (got {max_drift}).")
 
 
 def flag(name: str) -> str:

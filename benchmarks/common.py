@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -58,8 +59,13 @@ def peak_memory() -> dict:
 
 
 def run_worker(script: Path, args: list[str]) -> dict:
-    """Run one measurement in a fresh process (clean peak-memory figures); return its JSON line."""
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    """Run one measurement in a fresh process (clean peak-memory figures); return its JSON line.
+
+    glibc keeps freed large blocks mapped, so peak RSS would count dead tensors; serving blocks
+    over 64 KiB with mmap returns them at free, and peak RSS then tracks live memory.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])
         sys.exit(f"worker {' '.join(args)} failed (exit {proc.returncode})")

@@ -76,7 +76,9 @@ class DistillConfig:
 
     # Loss and speed.
     kl_topk: int = _opt(0, "0: exact reverse KL over the full vocabulary. K>0: sum over the student's top-K tokens.")
-    chunk_size: int = _opt(256, "Response tokens per chunk through the LM head and loss (bounds memory).")
+    chunk_size: int = _opt(
+        128, "Response tokens per chunk through the LM head and loss: peak loss memory is about 5 x chunk x vocab floats."
+    )
     rollout: str = _opt(
         "fast",
         "Sampler. fast: own decode loop on a merged copy of the weights (bf16 on CPUs that have it). "

@@ -22,12 +22,37 @@ def token_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Returns:
         (...,) float32 per-position KL.
     """
+    if not topk:
+        return _ExactReverseKL.apply(student_logits, teacher_logits.detach())
     log_s = student_logits.float().log_softmax(-1)
     log_t = teacher_logits.detach().float().log_softmax(-1)
-    if topk:
-        idx = log_s.topk(topk, dim=-1).indices
-        log_s, log_t = log_s.gather(-1, idx), log_t.gather(-1, idx)
+    idx = log_s.topk(topk, dim=-1).indices
+    log_s, log_t = log_s.gather(-1, idx), log_t.gather(-1, idx)
     return (log_s.exp() * (log_s - log_t)).sum(-1)
+
+
+class _ExactReverseKL(torch.autograd.Function):
+    """Full-vocabulary KL(s || t) with a hand-written gradient, to keep few (n, V) tensors alive.
+
+    Autograd through log_softmax, exp, subtract and multiply would save four (n, V) tensors;
+    this saves two (log p_s and log p_s - log p_t) and reuses buffers in place.
+    d KL / d z_j = p_j * (log p_j - log q_j - KL), with z the student's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits):
+        log_s = student_logits.float().log_softmax(-1)  # (..., V)
+        diff = teacher_logits.float().log_softmax(-1).neg_().add_(log_s)  # log p_s - log p_t, in place
+        kl = torch.einsum("...v,...v->...", log_s.exp(), diff)  # (...,), no (..., V) product temporary
+        ctx.save_for_backward(log_s, diff, kl)
+        ctx.dtype = student_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        log_s, diff, kl = ctx.saved_tensors
+        grad = log_s.exp_().mul_(diff.sub_(kl.unsqueeze(-1))).mul_(grad_kl.unsqueeze(-1))  # saved buffers reused
+        return grad.to(ctx.dtype), None
 
 
 def token_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -94,6 +119,7 @@ def chunked_reverse_kl(
         with torch.no_grad():
             t = teacher_head(teacher_hidden[i : i + chunk_size])
         kl = token_reverse_kl(student_head(leaf[i : i + chunk_size]), t, topk)  # (n,)
+        del t  # free the teacher's (n, V) logits before the backward allocates its own
         (kl.sum() * backward_scale).backward()
         out.append(kl.detach())
     if leaf.grad is not None and student_hidden.requires_grad:

@@ -7,7 +7,6 @@ about a second; the `load_*` functions import transformers when called.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import socket
 from dataclasses import dataclass

@@ -46,7 +46,7 @@ class StudentTeacher:
         temperature: float,
         top_p: float,
         kl_topk: int = 0,
-        chunk_size: int = 256,
+        chunk_size: int = 128,
         rollout: str = "fast",
         prefix_reuse: bool = True,
     ):

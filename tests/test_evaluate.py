@@ -12,7 +12,6 @@ import json
 import math
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch

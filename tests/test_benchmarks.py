@@ -1,0 +1,41 @@
+"""The benchmark scripts run end to end on the tiny model (figures are not checked, only their presence)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_bench_trl_runs_both_tools(tiny_dir):
+    pytest.importorskip("trl", reason="bench_trl.py needs trl: pip install -e '.[bench]'")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_trl.py"), "--model", str(tiny_dir), "--steps", "2",
+         "--prompts-which", "short"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(out["results"]) == ["short"]
+    short = out["results"]["short"]
+    for tool in ("promptbake", "trl"):
+        assert short[tool]["steps_timed"] == 1  # the first of the 2 steps is left out
+        assert short[tool]["seconds"]["step"] > 0
+        assert short[tool]["peak_rss_mib"] > 0
+        assert short[tool]["response_tokens_per_s"] > 0
+    assert short["ratio"]["seconds_per_step"] > 0 and short["ratio"]["peak_rss"] > 0
+
+
+def test_bench_trl_rejects_unknown_prompt_choice(tiny_dir):
+    pytest.importorskip("trl", reason="bench_trl.py needs trl: pip install -e '.[bench]'")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_trl.py"), "--model", str(tiny_dir), "--prompts-which", "short,huge"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "--prompts-which: unknown huge; choose from short, long."

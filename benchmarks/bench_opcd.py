@@ -166,7 +166,7 @@ def main() -> None:
     common = ["--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens)]
     if args.loss_memory == "both":
         res = {k: run_worker(script, ["--loss-memory", k, "--vocab", str(args.vocab), "--chunk-size",
-                                      str(args.chunk_size), *common]) for k in ("naive", "chunked")}
+                                      str(args.chunk_size), *common], live_memory=True) for k in ("naive", "chunked")}
         n, c = res["naive"]["extra_mib"], res["chunked"]["extra_mib"]
         print(f"loss peak extra memory, V={args.vocab}, N={res['naive']['N']} tokens: "
               f"naive {n:.1f} MiB, chunked({args.chunk_size}) {c:.1f} MiB, ratio {c / n:.2f}; "

@@ -58,13 +58,14 @@ def peak_memory() -> dict:
     return out
 
 
-def run_worker(script: Path, args: list[str]) -> dict:
+def run_worker(script: Path, args: list[str], *, live_memory: bool = False) -> dict:
     """Run one measurement in a fresh process (clean peak-memory figures); return its JSON line.
 
-    glibc keeps freed large blocks mapped, so peak RSS would count dead tensors; serving blocks
-    over 64 KiB with mmap returns them at free, and peak RSS then tracks live memory.
+    live_memory: glibc keeps freed large blocks mapped, so peak RSS counts dead tensors too.
+    Serving blocks over 64 KiB with mmap returns them at free, and peak RSS then tracks live
+    memory, at the price of a page fault per allocation: for memory figures, never for timing.
     """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if live_memory else None
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-3000:])

@@ -296,7 +296,7 @@ def test_out_of_memory_is_one_line_with_advice(tiny_model, prompt_files, tmp_pat
     assert result.exit_code == 3
     assert result.output.strip().splitlines()[-1] == (
         "error: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB). To use less: lower --batch-size "
-        "(now 2), --max-new-tokens (now 8) or --chunk-size (now 256), or train on a quantised base with --quant "
+        "(now 2), --max-new-tokens (now 8) or --chunk-size (now 128), or train on a quantised base with --quant "
         f"4bit. Only --chunk-size can change when resuming from {work(out)}."
     )
     assert checkpoints(out) == ["step-000002.pt"] and not out.exists()

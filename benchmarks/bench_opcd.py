@@ -107,10 +107,21 @@ def worker(args) -> dict:
     timed = rows[1:] or rows  # the first step pays one-off costs (allocations, caches)
     med = {k: statistics.median(r[k] for r in timed) for k in (*PHASES, "step")}
     tokens = sum(r["tokens"] for r in timed)
-    out = {"path": args.worker, "device": device.type, "quant": quant, "steps_timed": len(timed),
+    out = {"path": args.worker, "device": device.type, "quant": quant, "sampler": _sampler(pair), "steps_timed": len(timed),
            "seconds": med, "response_tokens_per_s": tokens / sum(r["step"] for r in timed),
            "rollout_tokens_per_s": tokens / sum(r["rollout"] for r in timed), **peak_memory()}
     return out
+
+
+def _sampler(pair) -> str:
+    """Which rollout code ran, in words."""
+    if pair.rollout_mode == "generate":
+        return "HF generate on the PEFT model"
+    if pair.rollout_mode == "exact":
+        return "own loop on the PEFT model"
+    copy = pair.sampler_model
+    dtype = str(next(iter(copy.targets))[1].dtype).removeprefix("torch.")
+    return f"LeanDecoder, {dtype}" if copy.reason is None else f"merged HF copy, {dtype} ({copy.reason})"
 
 
 def loss_memory(args) -> dict:
@@ -209,6 +220,8 @@ def print_table(results: list[dict], model: str) -> None:
     if "peak_gpu_mib" in results[0]:
         row("peak GPU MiB", [r["peak_gpu_mib"] for r in results], "{:.0f}")
     Console().print(table)
+    for r in results:
+        print(f"{r['path']} rollouts: {r['sampler']}")
     print(json.dumps(results))
 
 

@@ -206,7 +206,7 @@ def print_table(results: dict, model: str, steps: int) -> None:
     for name, justify in [("system prompt", "left"), ("measure", "left"), ("promptbake", "right"),
                           ("TRL", "right"), ("ratio pb / TRL", "right")]:
         table.add_column(name, justify=justify)
-    for key, r in results.items():
+    for r in results.values():
         label = f"{r['prompt']}, {r['system_tokens']} tok"
         pb, trl = r["promptbake"], r["trl"]
         rows = [("s / step (median)", pb["seconds"]["step"], trl["seconds"]["step"], "{:.2f}"),

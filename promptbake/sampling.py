@@ -5,7 +5,8 @@ nucleus filter, stop at EOS):
 
 - `sample` is promptbake's own decode loop: one forward per new token on a KV
   cache, no logits processors, and it ends as soon as every row has emitted EOS.
-  Run on a `RolloutModel` it uses plain weights with the adapter folded in.
+  Run on a `RolloutModel` it uses a plain copy of the weights with the adapter
+  folded in, through `LeanDecoder` where the architecture allows.
 - `sample_with_generate` calls Hugging Face `generate`, for debugging and as the
   benchmark's baseline.
 
@@ -15,6 +16,8 @@ Both return each row's response token ids, cut after the first EOS (kept).
 from __future__ import annotations
 
 import torch
+
+from .decoder import LeanDecoder, unsupported_reason, unwrap
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,16 +36,17 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)  # (B, V)
+    order = None
     if top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) is an exact draw from p, and
-    # much cheaper on CPU than torch.multinomial over a large vocabulary.
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(-1)
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    # Inverse-CDF draw: one uniform per row against the running sum. Exact, and ~30x cheaper on
+    # CPU than torch.multinomial or a Gumbel race, which draw one random number per vocabulary entry.
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # first index with cdf > u
+    return (picked if order is None else order.gather(-1, picked)).squeeze(-1)
 
 
 def _cut_at_eos(tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:
@@ -57,6 +61,34 @@ def _cut_at_eos(tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:
     return out
 
 
+class _HFDecoder:
+    """`LeanDecoder`'s start/step interface over any HF causal LM: its own forward on a DynamicCache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.mask = mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.positions = positions[:, -1:] + 1
+        return self.model(ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True,
+                          logits_to_keep=1).logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        logits = self.model(tokens[:, None], attention_mask=self.mask, position_ids=self.positions, cache=self.cache,
+                            use_cache=True).logits[:, -1]
+        self.positions = self.positions + 1
+        return logits
+
+    def release(self) -> None:
+        self.cache = self.mask = None
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -69,28 +101,24 @@ def sample(
     pad_id: int,
     generator: torch.Generator,
 ) -> list[list[int]]:
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
+    """model: a `LeanDecoder`, or any HF causal LM (PEFT-wrapped included)."""
+    decoder = model if isinstance(model, LeanDecoder) else _HFDecoder(model)
+    device = decoder.device
     ids, mask = left_pad(prompts, pad_id, device)  # (B, L)
-    B = ids.shape[0]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = model(ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits
-    next_pos = positions[:, -1:] + 1  # (B, 1)
     eos = torch.tensor(eos_ids, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     new = []
-    for step in range(max_new_tokens):
-        tok = pick_tokens(logits[:, -1, :], temperature, top_p, generator)  # (B,)
-        tok = tok.masked_fill(done, pad_id)
-        new.append(tok)
-        done |= torch.isin(tok, eos)
-        if step == max_new_tokens - 1 or bool(done.all()):  # one host sync per token
-            break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        logits = model(tok[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True).logits
-        next_pos = next_pos + 1
+    try:
+        logits = decoder.start(ids, mask, max_new_tokens)
+        for step in range(max_new_tokens):
+            tok = pick_tokens(logits, temperature, top_p, generator).masked_fill_(done, pad_id)  # (B,)
+            new.append(tok)
+            done |= torch.isin(tok, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):  # one host sync per token
+                break
+            logits = decoder.step(tok)
+    finally:
+        decoder.release()
     return _cut_at_eos(torch.stack(new, dim=1), eos_ids)
 
 
@@ -129,33 +157,54 @@ class RolloutModel:
     """A plain (no LoRA wrappers) copy of the student for sampling, refreshed before each rollout.
 
     Each refresh writes W + scale * B @ A into the copy's weights, so sampling runs on
-    ordinary linear layers: no per-layer adapter work at every decoded token. The copy
-    may use a cheaper dtype than training (bf16 on CPUs with native bf16, as RL
-    frameworks sample with vLLM in bf16); the loss is still computed by the training
-    weights at full precision, on exactly the tokens sampled here.
+    ordinary weights: no per-layer adapter work at every decoded token. The copy is a
+    `LeanDecoder` (fused projections, static KV cache) for Llama-family models, else a
+    merged HF model; `reason` says why the lean one wasn't used. The copy may use a
+    cheaper dtype than training (bf16 on CPUs with native bf16, as RL frameworks sample
+    with vLLM in bf16); the loss is still computed by the training weights at full
+    precision, on exactly the tokens sampled here.
     """
 
-    def __init__(self, peft_model, dtype):
-        import copy
-
+    def __init__(self, peft_model, dtype, *, lean: bool = True):
         from peft.tuners.lora import LoraLayer
 
         base = peft_model.get_base_model()
-        plain = copy.deepcopy(peft_model).merge_and_unload()  # same modules, LoRA wrappers removed
-        self.model = plain.to(dtype).eval().requires_grad_(False)
-        self.targets = [
-            (module, self.model.get_submodule(name))
-            for name, module in base.named_modules()
-            if isinstance(module, LoraLayer)
-        ]
+        self.loras = [m for m in base.modules() if isinstance(m, LoraLayer)]
+        self.reason = unsupported_reason(base) if lean else "lean decoder turned off"
+        if self.reason is None:
+            self.model = LeanDecoder(base, dtype)
+            where = self.model.destinations()
+            missing = [m for m in self.loras if m not in where]
+            if missing:
+                self.reason = f"LoRA on {type(unwrap(missing[0])).__name__} layers"
+        if self.reason is None:
+            self.targets = [(lora, where[lora]) for lora in self.loras]
+        else:
+            import copy
+
+            plain = copy.deepcopy(peft_model).merge_and_unload()  # same modules, LoRA wrappers removed
+            self.model = plain.to(dtype).eval().requires_grad_(False)
+            names = {m: n for n, m in base.named_modules()}
+            self.targets = [(lora, self.model.get_submodule(names[lora]).weight) for lora in self.loras]
         self.refresh()
 
     @torch.no_grad()
     def refresh(self) -> None:
-        for lora, linear in self.targets:
-            weight = lora.get_base_layer().weight
-            delta = sum(lora.get_delta_weight(name) for name in lora.active_adapters)
-            linear.weight.copy_(weight + delta)
+        for lora, weight in self.targets:
+            weight.copy_(_merged_weight(lora))
+
+
+def _merged_weight(lora) -> torch.Tensor:
+    """The LoRA layer's effective weight, W + sum of scale * B @ A over its active adapters."""
+    from peft.tuners.lora import Linear
+
+    weight = lora.get_base_layer().weight
+    names = [n for n in lora.active_adapters if n in lora.lora_A or n in getattr(lora, "lora_embedding_A", {})]
+    if isinstance(lora, Linear) and not lora.fan_in_fan_out and not any(lora.use_dora.get(n) for n in names):
+        for n in names:  # one fused multiply-add per adapter, no intermediate delta
+            weight = torch.addmm(weight, lora.lora_B[n].weight, lora.lora_A[n].weight, alpha=lora.scaling[n])
+        return weight
+    return weight + sum(lora.get_delta_weight(n) for n in names)
 
 
 def rollout_dtype(train_dtype, device):

@@ -14,6 +14,7 @@ def test_bench_opcd_runs_both_paths(tiny_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert [r["path"] for r in results] == ["fast", "naive"]
+    assert results[0]["sampler"].startswith("LeanDecoder") and results[1]["sampler"] == "HF generate on the PEFT model"
     for r in results:
         assert set(r["seconds"]) == {"rollout", "teacher", "student", "optimizer", "other", "step"}
         assert r["response_tokens_per_s"] > 0 and r["peak_rss_mib"] > 0

@@ -5,7 +5,8 @@ import torch
 
 import tiny
 from conftest import PIRATE
-from promptbake.sampling import RolloutModel, pick_tokens, sample, sample_with_generate
+from promptbake.decoder import LeanDecoder
+from promptbake.sampling import RolloutModel, left_pad, pick_tokens, sample, sample_with_generate
 
 PROMPTS = [[{"role": "user", "content": t}] for t in ("Why is the sky blue?", "Write a poem.", "Hola", "Sort a list")]
 
@@ -33,9 +34,14 @@ def test_greedy_tokens_identical_across_samplers(pair):
     via_generate = sample_with_generate(pair.student, ids, generator=g(), **_kw(pair))
     exact = sample(pair.student, ids, generator=g(), **_kw(pair))
     pair.sampler_model.refresh()
+    assert isinstance(pair.sampler_model.model, LeanDecoder)
     fast = sample(pair.sampler_model.model, ids, generator=g(), **_kw(pair))
+    merged_hf = RolloutModel(pair.student, torch.float32, lean=False)
+    assert not isinstance(merged_hf.model, LeanDecoder)
+    fast_hf = sample(merged_hf.model, ids, generator=g(), **_kw(pair))
     assert exact == via_generate
     assert fast == via_generate
+    assert fast_hf == via_generate
 
 
 def test_eos_cut_and_early_stop_match_generate(pair):
@@ -57,12 +63,16 @@ def test_rollout_model_tracks_adapter_updates(pair):
         for name, p in pair.student.named_parameters():
             if "lora_A" in name:
                 p.add_(0.01)
+    ids, mask = left_pad(_ids(pair), pair.tok.pad_token_id, "cpu")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    merged_hf = RolloutModel(pair.student, torch.float32, lean=False)
     pair.sampler_model.refresh()
-    ids = torch.tensor([_ids(pair)[0]])
     with torch.no_grad():
-        want = pair.student(input_ids=ids).logits
-        got = pair.sampler_model.model(input_ids=ids).logits
-    assert torch.allclose(got, want, atol=1e-5)
+        want = pair.student(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        lean = pair.sampler_model.model.start(ids, mask, 1)
+        hf = merged_hf.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    assert torch.allclose(lean, want, atol=1e-5)
+    assert torch.allclose(hf, want, atol=1e-5)
 
 
 def test_pick_tokens_matches_softmax_distribution():
@@ -83,6 +93,18 @@ def test_pick_tokens_matches_softmax_distribution():
     assert torch.allclose(freq, q, atol=0.01)
     assert freq[~keep].sum() == 0
     assert torch.equal(pick_tokens(logits[:2], 0.0, 1.0, g), torch.tensor([0, 0]))
+
+
+def test_pick_tokens_never_draws_a_zero_probability_token():
+    logits = torch.full((20000, 7), float("-inf"))
+    logits[:, 3] = 0.0
+    logits[::2, 0] = 0.0  # even rows: tokens 0 and 3 at 1/2 each, the first and an inner entry
+    logits[1::2, 6] = 0.0  # odd rows: 3 and 6, the last entry
+    g = torch.Generator().manual_seed(0)
+    for top_p in (1.0, 0.9):
+        draws = pick_tokens(logits, 1.0, top_p, g)
+        assert set(draws[::2].tolist()) == {0, 3} and set(draws[1::2].tolist()) == {3, 6}
+        assert abs((draws[::2] == 0).float().mean().item() - 0.5) < 0.02
 
 
 def test_fast_and_generate_sample_the_same_distribution(tiny_dir):

@@ -1,0 +1,110 @@
+"""LeanDecoder computes what the Hugging Face forward computes, for every architecture it claims."""
+
+import pytest
+import torch
+
+import tiny
+from promptbake.bake import _add_lora
+from promptbake.config import DistillConfig
+from promptbake.decoder import LeanDecoder, unsupported_reason
+from promptbake.sampling import RolloutModel, left_pad, sample, sample_with_generate
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]  # ragged: left padding matters
+
+
+def _model(kind: str, **over):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(kind, **{**SMALL, **over})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # HF initialises biases to 0 and norms to 1: make both count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+            elif "norm" in name:
+                p.normal_(1, 0.2)
+    return model
+
+
+def _hf_last_logits(model, rows: list[list[int]]) -> torch.Tensor:
+    ids, mask = left_pad(rows, 0, "cpu")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+
+
+CASES = {
+    "llama": dict(kind="llama"),
+    "llama, tied embeddings, biases": dict(kind="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "qwen2 (qkv bias)": dict(kind="qwen2"),
+    "qwen3 (q/k norm, head_dim != hidden / heads)": dict(kind="qwen3", head_dim=24),
+    "mistral, no window": dict(kind="mistral", sliding_window=None),
+    "llama3 rope scaling": dict(kind="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@torch.no_grad()
+def test_prefill_and_steps_match_hf_forward(case):
+    over = dict(CASES[case])
+    model = _model(over.pop("kind"), **over)
+    assert unsupported_reason(model) is None
+    decoder = LeanDecoder(model, torch.float32)
+    rows = [list(p) for p in PROMPTS]
+    ids, mask = left_pad(rows, 0, "cpu")
+    got = decoder.start(ids, mask, max_new_tokens=6)
+    for step in range(6):
+        want = _hf_last_logits(model, rows)
+        assert (got - want).abs().max() < 1e-4, (case, step)
+        nxt = want.argmax(-1)
+        for r, t in zip(rows, nxt.tolist()):
+            r.append(t)
+        if step < 5:
+            got = decoder.step(nxt)
+
+
+def test_unsupported_models_fall_back_to_the_hf_copy_with_a_reason():
+    from peft import LoraConfig, get_peft_model
+
+    model = _model("mistral", sliding_window=4)
+    assert unsupported_reason(model) == "sliding-window attention"
+    assert unsupported_reason(_model("gemma")) == "architecture 'gemma'"
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    ro = RolloutModel(peft, torch.float32)
+    assert ro.reason == "sliding-window attention" and not isinstance(ro.model, LeanDecoder)
+    kw = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, eos_ids=[-1], pad_id=0)
+    g = torch.Generator().manual_seed(0)
+    assert sample(ro.model, PROMPTS, generator=g, **kw) == sample_with_generate(peft, PROMPTS, generator=g, **kw)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj,lm_head"])
+@torch.no_grad()
+def test_refresh_writes_merged_lora_into_the_fused_weights(targets):
+    """After the adapter moves, the lean copy's logits are the PEFT model's, on tied embeddings too."""
+    model = _model("llama", tie_word_embeddings=True)
+    student = _add_lora(model, DistillConfig(model="x", prompt="x", lora_targets=targets, lora_rank=4))
+    ro = RolloutModel(student, torch.float32)
+    assert ro.reason is None and isinstance(ro.model, LeanDecoder)
+    for p in (p for n, p in student.named_parameters() if "lora_B" in n):
+        p.normal_(0, 0.1)  # B starts at zero: move it so the merge is non-trivial
+    ids, mask = left_pad(PROMPTS, 0, "cpu")
+    before = ro.model.start(ids, mask, 1)
+    ro.refresh()
+    after = ro.model.start(ids, mask, 1)
+    want = student(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+    assert (after - want).abs().max() < 1e-4
+    assert (before - want).abs().max() > 1e-2  # the refresh is what made them agree
+
+
+def test_bf16_copy_samples_the_same_greedy_tokens_as_fp32(tiny_dir):
+    pair = tiny.load_pair(tiny_dir, "x", lora_init_std=0.05)
+    ids = [pair.renderer.student_ids([{"role": "user", "content": t}]) for t in ("Why is the sky blue?", "Hola")]
+    kw = dict(pair.gen_kwargs, max_new_tokens=8, temperature=0.0)
+    g = torch.Generator().manual_seed(0)
+    fp32 = sample(RolloutModel(pair.student, torch.float32).model, ids, generator=g, **kw)
+    bf16 = sample(RolloutModel(pair.student, torch.bfloat16).model, ids, generator=g, **kw)
+    agree = sum(a == b for x, y in zip(fp32, bf16) for a, b in zip(x, y)) / sum(map(len, fp32))
+    assert agree >= 0.75, (fp32, bf16)  # bf16 may flip a near-tie; it must not produce a different model

@@ -206,6 +206,8 @@ class LeanDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one (B,) token per row -> (B, V) next-token logits."""
+        if self.length >= self.bias.shape[1]:
+            raise RuntimeError("LeanDecoder: KV cache full; pass a larger max_new_tokens to start()")
         self.bias[:, self.length] = 0.0
         logits = self._forward(tokens[:, None], self.positions)
         self.positions = self.positions + 1

@@ -66,9 +66,20 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rope_tables(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin for `positions` (..., T), shaped (..., T, 1, d) to broadcast over heads.
+
+    The model's own rotary module computes them, so every rope variant it supports applies here.
+    """
+    cos, sin = rotary(x, positions)  # (..., T, d)
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(-2), signed_sin.unsqueeze(-2)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x) with the sign in signed_sin."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def _copy(t, dtype):
@@ -140,52 +151,71 @@ class LeanDecoder:
         for layer in self.layers:
             self._destinations.update(layer.rows)
         self.bias = None  # (B, S_max) additive key bias: 0 where a row may attend, -inf elsewhere
+        self.key_bias = None  # the same, one row per (row, KV head), for decode steps
         self.length = 0  # columns of the cache written so far
         self.positions = None  # (B, 1) position of each row's next token
 
     def destinations(self) -> dict:
         return self._destinations
 
-    def _attention(self, layer: _Layer, h: torch.Tensor, cos, sin, start: int) -> torch.Tensor:
-        B, T, _ = h.shape
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-        nq, nk, d = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = qkv.view(B, T, nq + 2 * nk, d).split([nq, nk, nk], dim=2)  # (B, T, heads, d)
-        if layer.q_norm is not None:
-            q, k = _rms(q, *layer.q_norm), _rms(k, *layer.k_norm)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        end = start + T
-        layer.k_cache[:, :, start:end] = k.transpose(1, 2)
-        layer.v_cache[:, :, start:end] = v.transpose(1, 2)
-        keys, values = layer.k_cache[:, :, :end], layer.v_cache[:, :, :end]  # (B, nk, S, d)
-        if T == 1:
-            # One query per row: grouped heads share a KV head without copying it.
-            scores = torch.matmul(q.view(B, nk, nq // nk, d), keys.transpose(-1, -2)) * self.scaling
-            scores = scores + self.bias[:, None, None, :end]
-            probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-            out = torch.matmul(probs, values).view(B, 1, nq * d)
-        else:
-            col = torch.arange(end, device=h.device)[None, :]
-            row = torch.arange(start, end, device=h.device)[:, None]
-            allowed = (self.bias[:, None, None, :end] == 0) & (col <= row)  # (B, 1, T, S): padding, causal
-            allowed |= col == row  # a padding query attends to itself: no empty softmax rows, no NaN
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=allowed,
-                                                 scale=self.scaling, enable_gqa=True)
-            out = out.transpose(1, 2).reshape(B, T, nq * d)
-        return F.linear(out, layer.o, layer.o_bias)
+    def _qk(self, layer: _Layer, heads: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys from (..., q|k|v heads, d) projections."""
+        nq, nk = self.n_heads, self.n_kv
+        if layer.q_norm is None:  # one rotation for queries and keys together
+            qk = _rotate(heads.narrow(-2, 0, nq + nk), cos, sin)
+            return qk.narrow(-2, 0, nq), qk.narrow(-2, nq, nk)
+        q = _rotate(_rms(heads.narrow(-2, 0, nq), *layer.q_norm), cos, sin)
+        return q, _rotate(_rms(heads.narrow(-2, nq, nk), *layer.k_norm), cos, sin)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids at (B, T) positions, written after the cached columns -> (B, V) last logits."""
-        start = self.length
+    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T) prompt ids at (B, T) positions into an empty cache -> (B, V) last logits."""
+        B, T = ids.shape
+        nq, nk, d = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids, self.embed)  # (B, T, D)
-        cos, sin = self.rotary(x, positions)  # (B, T, d)
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        cos, sin = _rope_tables(self.rotary, x, positions)  # (B, T, 1, d)
+        col = torch.arange(T, device=x.device)
+        allowed = (self.bias[:, None, None, :T] == 0) & (col[None, :] <= col[:, None])  # (B, 1, T, T): padding, causal
+        allowed |= torch.eye(T, dtype=torch.bool, device=x.device)  # a padding query sees itself: no empty rows, no NaN
         for layer in self.layers:
-            x = x + self._attention(layer, _rms(x, *layer.ln1), cos, sin, start)
-            gate, up = F.linear(_rms(x, *layer.ln2), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
-        self.length = start + ids.shape[1]
+            heads = F.linear(_rms(x, *layer.ln1), layer.qkv, layer.qkv_bias).view(B, T, nq + 2 * nk, d)
+            q, k = self._qk(layer, heads, cos, sin)
+            v = heads.narrow(-2, nq + nk, nk)
+            layer.k_cache[:, :, :T] = k.transpose(1, 2)
+            layer.v_cache[:, :, :T] = v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=allowed, scale=self.scaling, enable_gqa=True)
+            x = x + F.linear(out.transpose(1, 2).reshape(B, T, nq * d), layer.o, layer.o_bias)
+            x = x + self._mlp(layer, x)
+        self.length = T
         return F.linear(_rms(x[:, -1], *self.norm), self.head)[:, : self.vocab]
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One new (B,) token per row -> (B, V) logits. The hidden state stays (B, D), and attention
+        is two batched matmuls in which grouped query heads share their KV head without a copy."""
+        B, col = tokens.shape[0], self.length
+        end = col + 1
+        nq, nk, d = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(tokens, self.embed)  # (B, D)
+        cos, sin = _rope_tables(self.rotary, x, self.positions[:, 0])  # (B, 1, d): broadcasts over heads
+        bias = self.key_bias[:, :, :end]  # (B * nk, 1, S)
+        for layer in self.layers:
+            heads = F.linear(_rms(x, *layer.ln1), layer.qkv, layer.qkv_bias).view(B, nq + 2 * nk, d)
+            q, k = self._qk(layer, heads, cos, sin)
+            layer.k_cache[:, :, col] = k
+            layer.v_cache[:, :, col] = heads.narrow(-2, nq + nk, nk)
+            keys = layer.k_cache[:, :, :end].view(B * nk, end, d)  # merging (B, nk) needs no copy
+            scores = torch.baddbmm(bias, q.reshape(B * nk, nq // nk, d), keys.transpose(1, 2), alpha=self.scaling)
+            probs = scores.softmax(-1, dtype=torch.float32).to(x.dtype)
+            out = torch.bmm(probs, layer.v_cache[:, :, :end].view(B * nk, end, d)).view(B, nq * d)
+            x = x + F.linear(out, layer.o, layer.o_bias)
+            x = x + self._mlp(layer, x)
+        self.length = end
+        return F.linear(_rms(x, *self.norm), self.head)[:, : self.vocab]
+
+    @staticmethod
+    def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(_rms(x, *layer.ln2), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Prefill left-padded (B, L) prompts; room for max_new_tokens more. -> (B, V) next-token logits."""
@@ -198,18 +228,18 @@ class LeanDecoder:
                 layer.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.bias = torch.full((B, size), float("-inf"), dtype=self.dtype, device=self.device)
         self.bias[:, :L].masked_fill_(mask.bool(), 0.0)
-        self.length = 0
-        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(ids, self.positions)
-        self.positions = self.positions[:, -1:] + 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._prefill(ids, positions)
+        self.key_bias = self.bias.repeat_interleave(self.n_kv, dim=0)[:, None, :]  # (B * nk, 1, S): one per KV head
+        self.positions = positions[:, -1:] + 1
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one (B,) token per row -> (B, V) next-token logits."""
-        if self.length >= self.bias.shape[1]:
+        if self.length >= self.key_bias.shape[-1]:
             raise RuntimeError("LeanDecoder: KV cache full; pass a larger max_new_tokens to start()")
-        self.bias[:, self.length] = 0.0
-        logits = self._forward(tokens[:, None], self.positions)
+        self.key_bias[:, :, self.length] = 0.0
+        logits = self._decode(tokens)
         self.positions = self.positions + 1
         return logits
 
@@ -217,7 +247,7 @@ class LeanDecoder:
         """Free the KV cache between rollouts."""
         for layer in self.layers:
             layer.k_cache = layer.v_cache = None
-        self.bias = None
+        self.bias = self.key_bias = None
 
 
 def _is_lora(module) -> bool:

@@ -150,8 +150,7 @@ class LeanDecoder:
         self._destinations = {embed_module: self.embed, head_module: self.head}
         for layer in self.layers:
             self._destinations.update(layer.rows)
-        self.bias = None  # (B, S_max) additive key bias: 0 where a row may attend, -inf elsewhere
-        self.key_bias = None  # the same, one row per (row, KV head), for decode steps
+        self.key_bias = None  # (B * nk, 1, S_max) additive key bias: 0 where a row may attend, -inf elsewhere
         self.length = 0  # columns of the cache written so far
         self.positions = None  # (B, 1) position of each row's next token
 
@@ -167,14 +166,14 @@ class LeanDecoder:
         q = _rotate(_rms(heads.narrow(-2, 0, nq), *layer.q_norm), cos, sin)
         return q, _rotate(_rms(heads.narrow(-2, nq, nk), *layer.k_norm), cos, sin)
 
-    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T) prompt ids at (B, T) positions into an empty cache -> (B, V) last logits."""
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T) prompt ids (mask: 1 on real tokens) at (B, T) positions into an empty cache -> (B, V) last logits."""
         B, T = ids.shape
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids, self.embed)  # (B, T, D)
         cos, sin = _rope_tables(self.rotary, x, positions)  # (B, T, 1, d)
         col = torch.arange(T, device=x.device)
-        allowed = (self.bias[:, None, None, :T] == 0) & (col[None, :] <= col[:, None])  # (B, 1, T, T): padding, causal
+        allowed = mask.bool()[:, None, None, :] & (col[None, :] <= col[:, None])  # (B, 1, T, T): padding, causal
         allowed |= torch.eye(T, dtype=torch.bool, device=x.device)  # a padding query sees itself: no empty rows, no NaN
         for layer in self.layers:
             heads = F.linear(_rms(x, *layer.ln1), layer.qkv, layer.qkv_bias).view(B, T, nq + 2 * nk, d)
@@ -226,11 +225,11 @@ class LeanDecoder:
             if layer.k_cache is None or layer.k_cache.shape != shape:
                 layer.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
                 layer.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.bias = torch.full((B, size), float("-inf"), dtype=self.dtype, device=self.device)
-        self.bias[:, :L].masked_fill_(mask.bool(), 0.0)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._prefill(ids, positions)
-        self.key_bias = self.bias.repeat_interleave(self.n_kv, dim=0)[:, None, :]  # (B * nk, 1, S): one per KV head
+        logits = self._prefill(ids, mask, positions)
+        bias = torch.full((B, size), float("-inf"), dtype=self.dtype, device=self.device)
+        bias[:, :L].masked_fill_(mask.bool(), 0.0)
+        self.key_bias = bias.repeat_interleave(self.n_kv, dim=0)[:, None, :]  # one row per (row, KV head)
         self.positions = positions[:, -1:] + 1
         return logits
 
@@ -247,7 +246,7 @@ class LeanDecoder:
         """Free the KV cache between rollouts."""
         for layer in self.layers:
             layer.k_cache = layer.v_cache = None
-        self.bias = self.key_bias = None
+        self.key_bias = None
 
 
 def _is_lora(module) -> bool:

@@ -30,14 +30,15 @@ PHASES = ("rollout", "teacher", "student", "optimizer", "other")
 def worker(args) -> dict:
     import torch
 
-    from promptbake.bake import _add_lora, batch_indices, quiet_libraries
     from promptbake.config import DistillConfig
     from promptbake.data import load_prompts, read_system_prompt
     from promptbake.losses import token_reverse_kl
+    from promptbake.methods import OPCD, PhaseTimer
     from promptbake.models import load_model, load_tokenizer, pick_device_and_dtype, resolve_model, resolve_quant
-    from promptbake.pair import StudentTeacher
     from promptbake.render import Renderer
     from promptbake.scoring import predicting_positions, right_pad
+    from promptbake.setup import add_lora, build_pair, quiet_libraries
+    from promptbake.train import batch_indices
 
     quiet_libraries()
     naive = args.worker == "naive"
@@ -51,13 +52,12 @@ def worker(args) -> dict:
     renderer = Renderer(tok, read_system_prompt(cfg.prompt))
     prompts = load_prompts("default")
     torch.manual_seed(0)
-    student = _add_lora(load_model(src, quant=quant, device=device, dtype=dtype), cfg)
+    student = add_lora(load_model(src, quant=quant, device=device, dtype=dtype), cfg)
     vocab = student.config.vocab_size
-    pair = StudentTeacher(student, renderer, vocab=vocab, quantised=quant != "none",
-                          max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_p=1.0,
-                          chunk_size=cfg.chunk_size, rollout=cfg.rollout, prefix_reuse=cfg.prefix_reuse)
+    pair = build_pair(student, renderer, cfg, vocab=vocab, quant=quant)
+    method = OPCD(pair)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)  # as setup.prepare builds it
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def naive_loss(ro):
@@ -83,16 +83,18 @@ def worker(args) -> dict:
         t0 = time.perf_counter()
         batch = [prompts[i] for i in batch_indices(len(prompts), cfg.batch_size, step, 0)]
         gen = torch.Generator(device).manual_seed(step)
-        ro = pair.rollout(batch, gen)
-        sync()
-        t1 = time.perf_counter()
         if naive:
-            t2, kl = naive_loss(ro)
-        else:
-            t_hidden = pair.teacher_states(ro)
+            ro = pair.rollout(batch, gen)
             sync()
-            t2 = time.perf_counter()
-            kl = pair.student_kl(ro, t_hidden, train=True)
+            t1 = time.perf_counter()
+            t2, kl = naive_loss(ro)
+            tokens = ro.n_tokens
+        else:  # the bake's own step (methods.OPCD), split by its own phase timer
+            timer = PhaseTimer(device)
+            stats = method.step(batch, gen, timer)
+            t1 = t0 + timer.seconds["rollout"]
+            t2 = t1 + timer.seconds["teacher"]
+            kl, tokens = torch.tensor([stats.loss]), stats.tokens
         sync()
         t3 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -103,7 +105,7 @@ def worker(args) -> dict:
         _ = kl.mean().item()
         t5 = time.perf_counter()
         rows.append(dict(rollout=t1 - t0, teacher=t2 - t1, student=t3 - t2, optimizer=t4 - t3, other=t5 - t4,
-                         step=t5 - t0, tokens=ro.n_tokens))
+                         step=t5 - t0, tokens=tokens))
     timed = rows[1:] or rows  # the first step pays one-off costs (allocations, caches)
     med = {k: statistics.median(r[k] for r in timed) for k in (*PHASES, "step")}
     tokens = sum(r["tokens"] for r in timed)
@@ -115,20 +117,14 @@ def worker(args) -> dict:
 
 def _sampler(pair) -> str:
     """Which rollout code ran, in words."""
-    if pair.rollout_mode == "generate":
-        return "HF generate on the PEFT model"
-    if pair.rollout_mode == "exact":
-        return "own loop on the PEFT model"
-    copy = pair.sampler_model
-    dtype = str(next(iter(copy.targets))[1].dtype).removeprefix("torch.")
-    return f"LeanDecoder, {dtype}" if copy.reason is None else f"merged HF copy, {dtype} ({copy.reason})"
+    return pair.sampler.description
 
 
 def loss_memory(args) -> dict:
     """Peak extra memory of the loss alone: naive full logits vs promptbake's chunked loss."""
     import torch
 
-    from promptbake.losses import chunked_reverse_kl
+    from promptbake.losses import backward_in_chunks, token_reverse_kl
 
     V, H, N = args.vocab, 576, args.batch_size * args.max_new_tokens
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +139,10 @@ def loss_memory(args) -> dict:
         log_s, log_t = head(s_hidden).log_softmax(-1), head(t_hidden).log_softmax(-1)
         (log_s.exp() * (log_s - log_t)).sum(-1).mean().backward()
     else:
-        chunked_reverse_kl(s_hidden, t_hidden, head, head, chunk_size=args.chunk_size, backward_scale=1 / N)
+        leaf = s_hidden.detach().requires_grad_(True)
+        backward_in_chunks(leaf, head, lambda logits, rows: token_reverse_kl(logits, head(t_hidden[rows]).detach()),
+                           chunk_size=args.chunk_size, scale=1 / N)
+        s_hidden.backward(leaf.grad)
     seconds = time.perf_counter() - t0
     after = peak_memory()
     key = "peak_gpu_mib" if "peak_gpu_mib" in after else "peak_rss_mib"

@@ -46,7 +46,7 @@ def hf_folder(model: str, dest: Path) -> str:
         return model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from promptbake.bake import quiet_libraries
+    from promptbake.setup import quiet_libraries
 
     quiet_libraries()
     src, name = str(Path(model).parent), Path(model).name
@@ -72,7 +72,8 @@ def trl_worker(args) -> dict:
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
     from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder
 
-    from promptbake.bake import batch_indices, quiet_libraries
+    from promptbake.setup import quiet_libraries
+    from promptbake.train import batch_indices
     from promptbake.data import load_prompts, read_system_prompt
     from promptbake.models import load_tokenizer, pick_device_and_dtype, resolve_model
     from promptbake.render import Renderer

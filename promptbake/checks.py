@@ -171,3 +171,12 @@ def find_checks(checks: Path | None, prompt: Path) -> list[Check]:
         return load_checks(checks)
     sibling = sibling_checks(prompt)
     return load_checks(sibling) if sibling.is_file() else []
+
+
+def checks_for(checks: Path | None, prompt: Path, min_pass_rate: float | None) -> list[Check]:
+    """`find_checks`, and an error when --min-pass-rate is set but there is nothing to gate on."""
+    found = find_checks(checks, prompt)
+    if min_pass_rate is not None and not found:
+        raise InputError(f"--min-pass-rate needs checks: give --checks FILE or put "
+                         f"{Path(prompt).stem}.checks.toml beside {prompt}.")
+    return found

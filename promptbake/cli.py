@@ -1,7 +1,7 @@
 """The `promptbake` command: a thin layer over the library.
 
-Options of `distill` and `eval` are generated from `DistillConfig`'s and `EvalConfig`'s
-fields, so the help text lives in one place. Library errors (`PromptbakeError`)
+The options of `distill`, `eval` and `chat` are generated from the fields of
+`DistillConfig`, `EvalConfig` and `ChatConfig`, so the help text lives in one place. Library errors (`PromptbakeError`)
 become one red line and a non-zero exit; a missed quality gate exits with 4.
 Heavy modules (torch, transformers, peft) are imported inside commands.
 """
@@ -21,9 +21,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config import DistillConfig, flag
+from . import __version__, data
+from .config import ChatConfig, DistillConfig, EvalConfig, flag
+from .data import read_system_prompt
 from .errors import InputError, Interrupted, PromptbakeError, Terminated
-from .evaluate import EvalConfig
+from .eval import evaluate, print_report
+from .eval.chat import answer, print_answers
+from .eval.systems import load_compared
 
 app = typer.Typer(
     name="promptbake",
@@ -40,10 +44,13 @@ _TYPES = {"str": str, "Path": Path, "int": int, "float": float, "bool": bool,
 
 
 def _config_parameters(cls, required: tuple[str, ...] = ("model", "prompt")) -> list[inspect.Parameter]:
-    """One typer option per config field: --flag-name, help from the field's metadata."""
+    """One typer option per config field: --flag-name, help from the field's metadata.
+
+    Positional arguments (fields marked `argument`) come first, then the options in field order.
+    """
     _REQUIRED = set(required)
     params = []
-    for f in fields(cls):
+    for f in sorted(fields(cls), key=lambda f: not f.metadata.get("argument")):
         py_type = _TYPES[f.type]
         meta = f.metadata
         kwargs = {"help": meta["help"], "show_default": f.name not in _REQUIRED and f.default is not None}
@@ -56,7 +63,10 @@ def _config_parameters(cls, required: tuple[str, ...] = ("model", "prompt")) -> 
         default = ... if f.name in _REQUIRED else (None if f.default is MISSING else f.default)
         if isinstance(py_type, type) and issubclass(py_type, enum.Enum):
             default = py_type(default)
-        option = typer.Option(*decls, **kwargs)
+        if meta.get("argument"):
+            option = typer.Argument(help=meta["help"], show_default=False)
+        else:
+            option = typer.Option(*decls, **kwargs)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                         annotation=Annotated[py_type, option]))
     return params
@@ -134,8 +144,6 @@ def prompts_command(
     seed: Annotated[int, _same_as_distill("seed")] = _field("seed").default,
 ):
     """List the bundled prompt sets, or show what a prompt source yields before a bake."""
-    from . import data
-
     out = Console()
     if source is None:
         _print_bundled(out, _run(data.bundled_sets), _run(data.example_system_prompts))
@@ -198,8 +206,6 @@ def eval_command(**options):
 
     Exit codes: 0 ok, 2 bad input, 4 a --min-*/--max-* threshold was missed.
     """
-    from .evaluate import evaluate, print_report
-
     cfg = EvalConfig(**_options(options))
     report = _run(evaluate, cfg, err_console)
     print_report(report, Console())
@@ -210,37 +216,13 @@ eval_command.__signature__ = inspect.Signature(_config_parameters(EvalConfig, re
 app.command("eval", help=eval_command.__doc__)(eval_command)
 
 
-@app.command("chat")
-def chat_command(
-    baked: Annotated[Path, typer.Argument(help="The baked checkpoint folder (the --out of promptbake distill).")],
-    model: Annotated[str, typer.Option("--model", help="The base model the bake started from.")],
-    prompt: Annotated[Path, typer.Option("--prompt", help="The system prompt file that was baked in.")],
-    message: Annotated[Optional[str], typer.Option(
-        "--message", help="One user message. Without it: a prompt loop on a terminal, else stdin is the message.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = 128,
-    temperature: Annotated[float, typer.Option(
-        "--temperature", help="Sampling temperature (0 = greedy: each system's most likely answer).")] = 0.0,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed, the same for all three systems.")] = 0,
-    chat_template: Annotated[Optional[Path], typer.Option(
-        "--chat-template", help="Jinja chat template file, for tokenizers that have none.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(
-        "--trust-remote-code", help="Allow the model repository to run its own Python code.")] = False,
-):
+def chat_command(**options):
     """Ask the baked model, the prompted teacher and the base the same message; show the answers side by side."""
-    from .data import read_system_prompt
-    from .evaluate import answer, load_systems, print_answers
-
-    interactive = message is None and sys.stdin.isatty()
-    if not interactive:
-        message = _run(_one_message, message)
-    if max_new_tokens < 1:
-        _run(_fail, f"--max-new-tokens must be at least 1 (got {max_new_tokens}).")
-    if not temperature >= 0:
-        _run(_fail, f"--temperature must be 0 (greedy) or positive (got {temperature}).")
-    system = _run(read_system_prompt, prompt)
-    sy = _run(load_systems, baked, model, system, max_new_tokens=max_new_tokens, temperature=temperature,
-              chat_template=chat_template, trust_remote_code=trust_remote_code, console=err_console,
-              what="baked folder")
+    cfg = ChatConfig(**_options(options))
+    _run(cfg.validate)
+    interactive = cfg.message is None and sys.stdin.isatty()
+    message = None if interactive else _run(_one_message, cfg.message)
+    models = _run(_load_for_chat, cfg)
     out = Console()
     while True:
         if interactive:
@@ -250,9 +232,20 @@ def chat_command(
                 break
             if not message.strip():
                 continue
-        print_answers(_run(answer, sy, message.strip(), seed), out)
+        print_answers(_run(answer, models, message.strip(), cfg.seed), out)
         if not interactive:
             break
+
+
+chat_command.__signature__ = inspect.Signature(_config_parameters(ChatConfig, required=("baked", "model", "prompt")))
+app.command("chat", help=chat_command.__doc__)(chat_command)
+
+
+def _load_for_chat(cfg: ChatConfig):
+    return load_compared(cfg.baked, cfg.model, read_system_prompt(cfg.prompt), max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, chat_template=cfg.chat_template,
+                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
+                         console=err_console, what="baked folder")
 
 
 def _one_message(message: str | None) -> str:
@@ -263,17 +256,11 @@ def _one_message(message: str | None) -> str:
     return text.strip()
 
 
-def _fail(message: str):
-    raise InputError(message)
-
-
 @app.callback()
 def main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ):
     if version:
-        from . import __version__
-
         typer.echo(__version__)
         raise typer.Exit()
 

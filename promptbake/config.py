@@ -1,8 +1,12 @@
-"""The one description of a bake's settings.
+"""Settings for every command, each option declared once.
 
-`DistillConfig` is the single source of truth: the CLI builds its options from
-these fields (the `help` metadata becomes the help text), and the record
-written beside the output (`promptbake.json`) is `asdict()` of it.
+Options shared by several commands live in small groups (`ModelOptions`,
+`SamplingOptions`, `GateOptions`) that `DistillConfig`, `EvalConfig` and
+`ChatConfig` compose. A field's `help` metadata is its documentation: the CLI
+builds its options from these fields, and `promptbake.json` records
+`DistillConfig.to_record()`. Where a command needs another default for the same
+option (eval samples 32 prompts, chat answers greedily), the field is redeclared
+with that default and the reason in its help; its meaning stays the same.
 """
 
 from __future__ import annotations
@@ -18,14 +22,70 @@ QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
 ROLLOUT_CHOICES = ("fast", "exact", "generate")
 
 
-def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, argument: bool = False):
+    """A config field: its default, its help text, and (optionally) its choices or that it is positional."""
+    return field(default=default, metadata={"help": help, "choices": choices, "argument": argument})
+
+
+def flag(name: str) -> str:
+    """The CLI flag for a config field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------- shared option groups
 
 
 @dataclass
-class DistillConfig:
-    # What to bake.
+class ModelOptions:
+    """Where the model comes from and what it may do."""
+
     model: str = _opt(None, "Student model: a Hugging Face hub id, a local model folder, or a .gguf file.")
+    chat_template: Path | None = _opt(None, "Jinja chat template file, for tokenizers that have none.")
+    trust_remote_code: bool = _opt(False, "Allow the model repository to run its own Python code.")
+    allow_pickle: bool = _opt(
+        False, "Load weights stored only as pickle (pytorch_model.bin), which can run code: only for sources you trust."
+    )
+
+
+@dataclass
+class SamplingOptions:
+    """How responses are drawn, and how many at a time."""
+
+    max_new_tokens: int = _opt(64, "Longest sampled response, in tokens.")
+    temperature: float = _opt(1.0, "Sampling temperature (0 = greedy).")
+    seed: int = _opt(0, "Seed for the prompt shuffle and split, prompt order, sampling and LoRA init.")
+    batch_size: int = _opt(8, "Prompts per step (distill) or per batch sampled and scored (eval).")
+    chunk_size: int = _opt(
+        128, "Response tokens per chunk through the LM head and loss: peak loss memory is about 5 x chunk x vocab floats."
+    )
+
+    def _check_sampling(self) -> None:
+        for name in ("max_new_tokens", "batch_size", "chunk_size"):
+            _at_least_one(self, name)
+        _check_temperature(self.temperature)
+
+
+@dataclass
+class GateOptions:
+    """Quality gates: a missed threshold exits with code 4."""
+
+    min_gap_closed: float | None = _opt(
+        None, "Exit with code 4 if the bake closes less than this fraction of the base-to-teacher reverse-KL gap."
+    )
+    min_pass_rate: float | None = _opt(
+        None, "Exit with code 4 if a check's baked pass rate is below this fraction of the teacher's."
+    )
+
+    def _check_gates(self) -> None:
+        check_thresholds(self.min_gap_closed, self.min_pass_rate, getattr(self, "max_drift", None))
+
+
+# ---------------------------------------------------------------- the commands
+
+
+@dataclass
+class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
+    # What to bake.
     prompt: Path = _opt(None, "UTF-8 text file holding the system prompt to bake in.")
     out: Path = _opt(Path("baked"), "Folder for the merged checkpoint (written atomically).")
     teacher: str | None = _opt(
@@ -53,12 +113,8 @@ class DistillConfig:
 
     # Training.
     steps: int = _opt(30, "Optimizer steps; each samples a fresh batch of prompts.")
-    batch_size: int = _opt(8, "Prompts per step.")
     lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights (constant, no warm-up).")
-    max_new_tokens: int = _opt(64, "Longest sampled response, in tokens.")
-    temperature: float = _opt(1.0, "Sampling temperature for student rollouts (0 = greedy).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold for student rollouts (1 = off).")
-    seed: int = _opt(0, "Seed for the prompt shuffle and split, prompt order, sampling and LoRA init.")
     holdout: float = _opt(0.1, "Fraction of the prompt set kept apart for before/after evaluation.")
 
     # LoRA and precision.
@@ -76,9 +132,6 @@ class DistillConfig:
 
     # Loss and speed.
     kl_topk: int = _opt(0, "0: exact reverse KL over the full vocabulary. K>0: sum over the student's top-K tokens.")
-    chunk_size: int = _opt(
-        128, "Response tokens per chunk through the LM head and loss: peak loss memory is about 5 x chunk x vocab floats."
-    )
     rollout: str = _opt(
         "fast",
         "Sampler. fast: own decode loop on a merged copy of the weights (bf16 on CPUs that have it). "
@@ -87,12 +140,7 @@ class DistillConfig:
     )
     prefix_reuse: bool = _opt(True, "Compute the teacher's system-prompt KV cache once and reuse it.")
 
-    # Templates and trust.
-    chat_template: Path | None = _opt(None, "Jinja chat template file, for tokenizers that have none.")
-    trust_remote_code: bool = _opt(False, "Allow the model repository to run its own Python code.")
-    allow_pickle: bool = _opt(
-        False, "Load weights stored only as pickle (pytorch_model.bin), which can run code: only for sources you trust."
-    )
+    # Privacy.
     record_prompt: bool = _opt(
         False, "Store the system prompt's text in promptbake.json. By default only its SHA-256 is recorded anywhere."
     )
@@ -104,12 +152,6 @@ class DistillConfig:
     checks: Path | None = _opt(
         None, "Checks file (TOML) for that evaluation. Default: NAME.checks.toml beside --prompt, if there is one."
     )
-    min_gap_closed: float | None = _opt(
-        None, "Exit with code 4 if the bake closes less than this fraction of the base-to-teacher reverse-KL gap."
-    )
-    min_pass_rate: float | None = _opt(
-        None, "Exit with code 4 if a check's baked pass rate is below this fraction of the teacher's."
-    )
 
     def validate(self) -> None:
         """Check values that need no file or model; raise InputError naming the option."""
@@ -117,18 +159,13 @@ class DistillConfig:
             raise InputError("--model is required: a hub id, a local model folder or a .gguf file.")
         if self.prompt is None:
             raise InputError("--prompt is required: a text file holding the system prompt.")
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
-                    "lora_rank": self.lora_rank, "chunk_size": self.chunk_size,
-                    "save_every": self.save_every}
-        for name, value in positive.items():
-            if value < 1:
-                raise InputError(f"{flag(name)} must be at least 1 (got {value}).")
+        for name in ("steps", "lora_rank", "save_every"):
+            _at_least_one(self, name)
+        self._check_sampling()
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"--lr must be a positive number (got {self.lr}).")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise InputError(f"--lora-alpha must be a positive number (got {self.lora_alpha}).")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InputError(f"--temperature must be 0 (greedy) or positive (got {self.temperature}).")
         if not (0 < self.top_p <= 1):
             raise InputError(f"--top-p must be in (0, 1] (got {self.top_p}).")
         if not (0 <= self.lora_dropout < 1):
@@ -141,15 +178,65 @@ class DistillConfig:
             raise InputError(f"--kl-topk must be 0 (full vocabulary) or a positive K (got {self.kl_topk}).")
         if not self.eval and (self.min_gap_closed is not None or self.min_pass_rate is not None):
             raise InputError("--min-gap-closed and --min-pass-rate need the evaluation: drop --no-eval.")
-        check_thresholds(self.min_gap_closed, self.min_pass_rate)
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise InputError(f"{flag(f.name)} must be one of {', '.join(choices)} (got {getattr(self, f.name)!r}).")
+        self._check_gates()
+        _check_choices(self)
 
     def to_record(self) -> dict[str, Any]:
         """JSON-safe settings for promptbake.json (paths as strings)."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        return _json_safe(self)
+
+
+@dataclass
+class EvalConfig(GateOptions, SamplingOptions, ModelOptions):
+    # What to compare.
+    baked: Path = _opt(None, "The baked checkpoint folder (the --out of promptbake distill).")
+    model: str = _opt(None, "The base model the bake started from: a hub id, a local model folder or a .gguf file.")
+    prompt: Path = _opt(None, "The system prompt file that was baked in (the teacher gets it).")
+    prompts: str = _opt("eval", "Held-out user prompts: a bundled set name (eval, default, ood) or a .txt/.jsonl file.")
+    ood: str = _opt("ood", "Unrelated prompts to measure drift on: a bundled set name or a .txt/.jsonl file.")
+    checks: Path | None = _opt(
+        None, "Checks file (TOML). Default: NAME.checks.toml beside --prompt, if there is one."
+    )
+    report: Path | None = _opt(None, "Folder to write eval.json, eval.md and plots into (created if missing).")
+    # Eval reads a fixed share of each set rather than shuffling: the bundled sets are grouped by kind.
+    max_prompts: int = _opt(32, "Use at most this many prompts of each set, spread evenly across it.")
+    seed: int = _opt(0, "Sampling seed, the same for all three systems.")
+    max_drift: float | None = _opt(None, "Exit with code 4 if KL(baked || base) per token on the drift prompts is above this.")
+
+    def validate(self) -> None:
+        for name in ("baked", "model", "prompt"):
+            if not getattr(self, name):
+                raise InputError(f"{flag(name)} is required.")
+        _at_least_one(self, "max_prompts")
+        self._check_sampling()
+        self._check_gates()
+        if self.report is not None and Path(self.report).exists() and not Path(self.report).is_dir():
+            raise InputError(f"--report {self.report} exists and is a file; choose a folder path.")
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-safe settings for eval.json (paths as strings)."""
+        return _json_safe(self)
+
+
+@dataclass
+class ChatConfig(ModelOptions):
+    baked: Path = _opt(None, "The baked checkpoint folder (the --out of promptbake distill).", argument=True)
+    model: str = _opt(None, "The base model the bake started from.")
+    prompt: Path = _opt(None, "The system prompt file that was baked in.")
+    message: str | None = _opt(
+        None, "One user message. Without it: a prompt loop on a terminal, else stdin is the message."
+    )
+    # Chat answers one message at a time: longer answers, and greedy so the three are comparable.
+    max_new_tokens: int = _opt(128, "Longest answer, in tokens.")
+    temperature: float = _opt(0.0, "Sampling temperature (0 = greedy: each system's most likely answer).")
+    seed: int = _opt(0, "Sampling seed, the same for all three systems.")
+
+    def validate(self) -> None:
+        for name in ("baked", "model", "prompt"):
+            if not getattr(self, name):
+                raise InputError(f"{flag(name)} is required.")
+        _at_least_one(self, "max_new_tokens")
+        _check_temperature(self.temperature)
 
 
 def check_thresholds(min_gap_closed: float | None, min_pass_rate: float | None, max_drift: float | None = None) -> None:
@@ -161,6 +248,23 @@ def check_thresholds(min_gap_closed: float | None, min_pass_rate: float | None, 
         raise InputError(f"--max-drift must be a KL per token of 0 or more (got {max_drift}).")
 
 
-def flag(name: str) -> str:
-    """The CLI flag for a config field: batch_size -> --batch-size."""
-    return "--" + name.replace("_", "-")
+def _check_temperature(value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(f"--temperature must be 0 (greedy) or positive (got {value}).")
+
+
+def _at_least_one(cfg, name: str) -> None:
+    value = getattr(cfg, name)
+    if value < 1:
+        raise InputError(f"{flag(name)} must be at least 1 (got {value}).")
+
+
+def _check_choices(cfg) -> None:
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise InputError(f"{flag(f.name)} must be one of {', '.join(choices)} (got {getattr(cfg, f.name)!r}).")
+
+
+def _json_safe(cfg) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

@@ -13,6 +13,7 @@ and is imported only when one of those is asked for: it takes about a second.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import InputError
+from .models import HUB_ID, hub_reachable_or_cached
 
 Messages = list[dict[str, str]]
 
@@ -183,10 +185,8 @@ def _read_source(source: str, prompt_field: str, split: str) -> list[Messages | 
             return _from_table(_load_file(path, DATASETS_BUILDERS[suffix]), prompt_field, str(path))
         raise InputError(f"prompt set {path}: unsupported file type {suffix or '(none)'}; "
                          f"use {', '.join(FILE_TYPES)}, a save_to_disk folder or a hub dataset id.")
-    from .models import _HUB_ID
-
     looks_local = source.startswith((".", "/", "~")) or source.count("/") != 1 or path.suffix.lower() in FILE_TYPES
-    if looks_local or not _HUB_ID.match(source):
+    if looks_local or not HUB_ID.match(source):
         names = ", ".join(BUNDLED_SETS)
         raise InputError(f"prompt set {source!r} not found: give a file path, a bundled set ({names}) "
                          "or a hub dataset id like org/name.")
@@ -301,9 +301,7 @@ def _load_saved(path: Path, split: str):
 
 
 def _load_hub(repo_id: str, split: str):
-    from .models import _hub_reachable_or_cached
-
-    _hub_reachable_or_cached(repo_id, "dataset", repo_type="dataset")  # fail fast offline
+    hub_reachable_or_cached(repo_id, "dataset", repo_type="dataset")  # fail fast offline
     datasets = _datasets()
     try:
         return datasets.load_dataset(repo_id, split=split)
@@ -353,3 +351,8 @@ def split_holdout(prompts: list[Messages], fraction: float, seed: int, minimum: 
     held = [prompts[i] for i in order[:n_held]]
     train = [prompts[i] for i in order[n_held:]]
     return train, held
+
+
+def sha256_text(text: str) -> str:
+    """The SHA-256 of a text's UTF-8 bytes: how promptbake names a system prompt without storing it."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,4 +1,7 @@
-"""Distillation losses: pure functions of logits and hidden states.
+"""Distillation losses, as functions of logits and hidden states.
+
+All are pure except `backward_in_chunks`, which runs the backward through the LM
+head chunk by chunk (the one place a training step's gradient starts).
 
 Shapes: B batch, T positions, N response tokens (flattened), V vocabulary, H hidden.
 Log-softmax is always taken in float32, whatever the model's dtype.
@@ -78,50 +81,58 @@ def reverse_kl_loss(
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-def chunked_reverse_kl(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    student_head: Callable[[torch.Tensor], torch.Tensor],
-    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+def chunked_kl(
+    p_hidden: torch.Tensor,
+    q_hidden: torch.Tensor,
+    p_head: Callable[[torch.Tensor], torch.Tensor],
+    q_head: Callable[[torch.Tensor], torch.Tensor],
     *,
     chunk_size: int,
     topk: int = 0,
-    backward_scale: float | None = None,
 ) -> torch.Tensor:
-    """Per-token reverse KL from final hidden states, `chunk_size` tokens through the LM head at a time.
+    """(N,) per-token KL(p || q) from final hidden states, no gradient.
 
     Only (chunk_size, V) logits exist at once for each model, instead of (N, V).
-    With `backward_scale` set, the gradient of `backward_scale * sum(KL)` is pushed
-    into `student_hidden` chunk by chunk (each chunk's logits are freed after its
-    backward), and the caller finishes with nothing more to do: the returned
-    values are detached either way.
 
     Args:
-        student_hidden: (N, H) hidden states at the positions that predict response tokens.
-        teacher_hidden: (N, H), same token order, no gradient.
-        student_head / teacher_head: (n, H) -> (n, V) logits.
-    Returns:
-        (N,) float32 per-token KL, detached.
+        p_hidden, q_hidden: (N, H) hidden states predicting the same N response tokens
+            (p is the distribution they were sampled from: the student for reverse KL).
+        p_head, q_head: (n, H) -> (n, V) logits.
+        topk: as in `token_reverse_kl` (over p's top-K tokens).
     """
     out = []
-    if backward_scale is None:
-        with torch.no_grad():
-            for i in range(0, student_hidden.shape[0], chunk_size):
-                s = student_head(student_hidden[i : i + chunk_size])
-                t = teacher_head(teacher_hidden[i : i + chunk_size])
-                out.append(token_reverse_kl(s, t, topk))
-        return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
+    with torch.no_grad():
+        for i in range(0, p_hidden.shape[0], chunk_size):
+            out.append(token_reverse_kl(p_head(p_hidden[i : i + chunk_size]), q_head(q_hidden[i : i + chunk_size]), topk))
+    return torch.cat(out) if out else p_hidden.new_zeros(0, dtype=torch.float32)
 
-    # Cut the graph at the hidden states so each chunk's backward stops there and frees
-    # its logits; the accumulated gradient is then sent through the model once.
-    leaf = student_hidden.detach().requires_grad_(True)
-    for i in range(0, leaf.shape[0], chunk_size):
-        with torch.no_grad():
-            t = teacher_head(teacher_hidden[i : i + chunk_size])
-        kl = token_reverse_kl(student_head(leaf[i : i + chunk_size]), t, topk)  # (n,)
-        del t  # free the teacher's (n, V) logits before the backward allocates its own
-        (kl.sum() * backward_scale).backward()
-        out.append(kl.detach())
-    if leaf.grad is not None and student_hidden.requires_grad:
-        student_hidden.backward(leaf.grad)
-    return torch.cat(out) if out else student_hidden.new_zeros(0, dtype=torch.float32)
+
+def backward_in_chunks(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    token_loss: Callable[[torch.Tensor, slice], torch.Tensor],
+    *,
+    chunk_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Backpropagate `scale * sum(loss)` through the LM head, `chunk_size` tokens at a time.
+
+    Not a pure function: this is where a training step's gradient starts. Each chunk's
+    (n, V) logits are freed right after its own backward, so peak memory is one chunk's.
+    The gradient lands in `hidden.grad` (make `hidden` a detached leaf that requires grad,
+    then send `hidden.grad` on through the decoder) and in any trainable head weights.
+
+    Args:
+        hidden: (N, H) leaf tensor with requires_grad.
+        head: (n, H) -> (n, V) logits, with gradient.
+        token_loss: (logits (n, V), rows: slice of the N tokens) -> (n,) per-token loss.
+    Returns:
+        (N,) float32 per-token loss, detached.
+    """
+    out = []
+    for i in range(0, hidden.shape[0], chunk_size):
+        rows = slice(i, i + chunk_size)
+        loss = token_loss(head(hidden[rows]), rows)  # (n,)
+        (loss.sum() * scale).backward()
+        out.append(loss.detach())
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

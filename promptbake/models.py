@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from .errors import InputError, ModelLoadError, TokenizerMismatchError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,12 @@ def resolve_model(spec: str, what: str = "model", *, allow_pickle: bool = False)
                 "code: convert it to safetensors, or pass --allow-pickle if you trust where it came from."
             )
         return ModelSource(spec, str(path), allow_pickle=allow_pickle)
-    if not _HUB_ID.match(spec):
+    if not HUB_ID.match(spec):
         raise InputError(f"{what} {spec!r} is neither an existing path nor a hub id like org/name.")
-    return ModelSource(spec, spec, local_files_only=not _hub_reachable_or_cached(spec, what), allow_pickle=allow_pickle)
+    return ModelSource(spec, spec, local_files_only=not hub_reachable_or_cached(spec, what), allow_pickle=allow_pickle)
 
 
-def _hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -> bool:
+def hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -> bool:
     """True if the hub can be used; False if only the local cache can. Raises if neither.
 
     repo_type "model" looks for the repo's config.json in the cache, "dataset" for its README.md

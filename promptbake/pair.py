@@ -3,8 +3,10 @@
 student = base + LoRA adapter, no system prompt.
 teacher = base with the adapter disabled (or a separate --teacher model), system prompt in context.
 
-`StudentTeacher` samples student rollouts and computes the per-token reverse KL
-between the two on those rollouts; `distill` and `evaluate` build on it.
+`StudentTeacher` draws student rollouts and runs the forward passes the training
+methods and the held-out measurement need: teacher hidden states (no gradient,
+from the cached system-prompt prefix where it applies), student hidden states
+(with gradient), and the LM heads that turn either into logits.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .data import Messages
-from .losses import chunked_reverse_kl
+from .losses import chunked_kl
 from .render import Renderer
-from .sampling import RolloutModel, rollout_dtype, sample, sample_with_generate
+from .samplers import SamplingArgs, make_sampler
 from .scoring import PrefixCache, logits_fn, response_hidden, teacher_hidden
 
 
@@ -55,24 +57,14 @@ class StudentTeacher:
         self.tok = renderer.tok
         self.teacher = teacher
         self.quantised = quantised
-        self.gen_kwargs = dict(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_ids=eos_token_ids(self.tok, student),
-            pad_id=self.tok.pad_token_id,
-        )
         self.kl_topk = kl_topk
         self.chunk_size = chunk_size
-        # fast: plain copy with the adapter merged (impossible on a quantised base: use the LoRA path).
-        self.rollout_mode = "exact" if rollout == "fast" and quantised else rollout
-        self.sampler_model = None
-        if self.rollout_mode == "fast":
-            base_param = next(student.parameters())
-            self.sampler_model = RolloutModel(student, rollout_dtype(base_param.dtype, base_param.device))
+        self.sampling = SamplingArgs.for_model(self.tok, student, max_new_tokens=max_new_tokens,
+                                               temperature=temperature, top_p=top_p)
+        self.sampler = make_sampler(rollout, student, self.sampling, quantised=quantised)
         base = student.get_base_model()
-        self.student_logits = logits_fn(base, vocab)
-        self.teacher_logits = logits_fn(teacher if teacher is not None else base, vocab)
+        self.student_head = logits_fn(base, vocab)  # (n, H) -> (n, V); LoRA on the head, if any, is live
+        self.teacher_head = logits_fn(teacher if teacher is not None else base, vocab)
         self.prefix: PrefixCache | None = None
         self.prefix_misses = 0  # teacher batches that needed a full pass although reuse was on
         if prefix_reuse:
@@ -92,14 +84,8 @@ class StudentTeacher:
         """Sample one response per prompt from the student (adapter on, no system prompt)."""
         student_ids = [self.renderer.student_ids(m) for m in prompts]
         teacher_ids = [self.renderer.teacher_ids(m) for m in prompts]
-        self.student.eval()
-        if self.rollout_mode == "generate":
-            responses = sample_with_generate(self.student, student_ids, generator=generator, **self.gen_kwargs)
-        elif self.rollout_mode == "exact":
-            responses = sample(self.student, student_ids, generator=generator, **self.gen_kwargs)
-        else:
-            self.sampler_model.refresh()
-            responses = sample(self.sampler_model.model, student_ids, generator=generator, **self.gen_kwargs)
+        self.sampler.refresh()
+        responses = self.sampler.sample(student_ids, generator)
         return Rollout(prompts, student_ids, teacher_ids, responses)
 
     def teacher_states(self, ro: Rollout) -> torch.Tensor:
@@ -109,37 +95,18 @@ class StudentTeacher:
                 self.prefix_misses += 1
             return teacher_hidden(lm, ro.teacher_ids, ro.responses, self.tok.pad_token_id, self.prefix)
 
-    def student_kl(self, ro: Rollout, t_hidden: torch.Tensor, *, train: bool) -> torch.Tensor:
-        """(N,) per-token KL(student || teacher) on the rollout's response tokens.
-
-        With train=True the gradient of the token-mean is accumulated into the LoRA weights.
-        """
-        base = self.student.get_base_model()
-        pad = self.tok.pad_token_id
-        if train:
-            self.student.train()  # LoRA dropout, if any
-            s_hidden = response_hidden(base, ro.student_ids, ro.responses, pad)  # (N, H), with grad
+    def student_states(self, ro: Rollout) -> torch.Tensor:
+        """(N, H) student hidden states on the rollout, with gradient through the LoRA weights."""
+        self.student.train()  # LoRA dropout, if any
+        try:
+            return response_hidden(self.student.get_base_model(), ro.student_ids, ro.responses, self.tok.pad_token_id)
+        finally:
             self.student.eval()
-        else:
-            with torch.no_grad():
-                s_hidden = response_hidden(base, ro.student_ids, ro.responses, pad)
-        return chunked_reverse_kl(
-            s_hidden, t_hidden, self.student_logits, self.teacher_logits,
-            chunk_size=self.chunk_size, topk=self.kl_topk,
-            backward_scale=1.0 / max(ro.n_tokens, 1) if train else None,
-        )
 
-    def reverse_kl(self, ro: Rollout, *, train: bool) -> torch.Tensor:
-        return self.student_kl(ro, self.teacher_states(ro), train=train)
-
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a turn: the tokenizer's EOS plus the generation config's (often a list)."""
-    ids = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, gen_eos):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return sorted(ids)
+    def reverse_kl(self, ro: Rollout) -> torch.Tensor:
+        """(N,) per-token KL(student || teacher) on the rollout, no gradient (the held-out measurement)."""
+        with torch.no_grad():
+            s_hidden = response_hidden(self.student.get_base_model(), ro.student_ids, ro.responses,
+                                       self.tok.pad_token_id)
+        return chunked_kl(s_hidden, self.teacher_states(ro), self.student_head, self.teacher_head,
+                          chunk_size=self.chunk_size, topk=self.kl_topk)

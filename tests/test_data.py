@@ -140,21 +140,21 @@ def test_shuffle_is_deterministic_and_max_prompts_samples_after_it(tmp_path):
 
 
 def test_prompts_too_long_for_the_context_are_dropped_and_counted():
-    from promptbake.bake import _fit_context
+    from promptbake.setup import fit_context
     from promptbake.render import Renderer
 
     renderer = Renderer(build_tokenizer(CHATML), "Be brief.")
     short, long = user("Why is the sky blue?"), user("Why is the sky blue? " * 40)
     ps = PromptSet("test", [short, long, short], rows=4, dropped={"duplicate": 1})
     ctx = len(renderer.teacher_ids(short)) + 16  # room for 16 new tokens after the short prompt only
-    kept = _fit_context(ps, renderer, ctx, max_new=16)
+    kept = fit_context(ps, renderer, ctx, max_new=16)
     assert kept.prompts == [short, short]
     assert kept.dropped == {"duplicate": 1, "too_long": 1}
     assert kept.describe() == "2 prompts from test (4 read; dropped: 1 duplicated, 1 too long for the context)"
-    assert _fit_context(ps, renderer, None, max_new=16) is ps  # unknown context: nothing to check
+    assert fit_context(ps, renderer, None, max_new=16) is ps  # unknown context: nothing to check
 
     with pytest.raises(ContextTooLongError, match=r"^all 2 prompts are too long for the context of"):
-        _fit_context(PromptSet("test", [long, long], rows=2), renderer, ctx, max_new=16)
+        fit_context(PromptSet("test", [long, long], rows=2), renderer, ctx, max_new=16)
 
 
 # --- Bad input: one clear message naming the row, line or field. ---

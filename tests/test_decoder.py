@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tiny
-from promptbake.bake import _add_lora
+from promptbake.setup import add_lora
 from promptbake.config import DistillConfig
 from promptbake.decoder import LeanDecoder, unsupported_reason
 from promptbake.sampling import RolloutModel, left_pad, sample, sample_with_generate
@@ -85,7 +85,7 @@ def test_unsupported_models_fall_back_to_the_hf_copy_with_a_reason():
 def test_refresh_writes_merged_lora_into_the_fused_weights(targets):
     """After the adapter moves, the lean copy's logits are the PEFT model's, on tied embeddings too."""
     model = _model("llama", tie_word_embeddings=True)
-    student = _add_lora(model, DistillConfig(model="x", prompt="x", lora_targets=targets, lora_rank=4))
+    student = add_lora(model, DistillConfig(model="x", prompt="x", lora_targets=targets, lora_rank=4))
     ro = RolloutModel(student, torch.float32)
     assert ro.reason is None and isinstance(ro.model, LeanDecoder)
     for p in (p for n, p in student.named_parameters() if "lora_B" in n):
@@ -102,7 +102,7 @@ def test_refresh_writes_merged_lora_into_the_fused_weights(targets):
 def test_bf16_copy_samples_the_same_greedy_tokens_as_fp32(tiny_dir):
     pair = tiny.load_pair(tiny_dir, "x", lora_init_std=0.05)
     ids = [pair.renderer.student_ids([{"role": "user", "content": t}]) for t in ("Why is the sky blue?", "Hola")]
-    kw = dict(pair.gen_kwargs, max_new_tokens=8, temperature=0.0)
+    kw = dict(pair.sampling.kwargs(), max_new_tokens=8, temperature=0.0)
     g = torch.Generator().manual_seed(0)
     fp32 = sample(RolloutModel(pair.student, torch.float32).model, ids, generator=g, **kw)
     bf16 = sample(RolloutModel(pair.student, torch.bfloat16).model, ids, generator=g, **kw)

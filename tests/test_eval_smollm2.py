@@ -19,7 +19,10 @@ from rich.console import Console
 
 from promptbake.checks import load_checks
 from promptbake.data import bundled_dir, load_prompts, read_system_prompt
-from promptbake.evaluate import EvalConfig, Systems, evaluate, spread
+from promptbake.config import EvalConfig
+from promptbake.eval import evaluate
+from promptbake.eval.measure import spread
+from promptbake.eval.systems import ComparedModels as Systems
 
 pytestmark = pytest.mark.slow
 PIRATE = bundled_dir() / "system" / "pirate.txt"

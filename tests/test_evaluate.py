@@ -21,8 +21,11 @@ from typer.testing import CliRunner
 from promptbake import DistillConfig, distill
 from promptbake.checks import parse_checks
 from promptbake.cli import app
-from promptbake.evaluate import (KL, CheckRates, EvalConfig, EvalReport, apply_gates, evaluate, gap_closed,
-                                 spread, token_kl, write_report)
+from promptbake.config import EvalConfig
+from promptbake.eval import KL, CheckRates, EvalReport, apply_gates, evaluate, gap_closed
+from promptbake.eval.measure import spread
+from promptbake.eval.report import write_report
+from promptbake.losses import chunked_kl as token_kl
 from promptbake.losses import token_forward_kl
 from tiny import save_tiny
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import tiny
-from promptbake.bake import _add_lora
+from promptbake.setup import add_lora
 from promptbake.config import DistillConfig
+from promptbake.methods import OPCD
 from promptbake.models import load_model, load_tokenizer, resolve_model
 from promptbake.pair import StudentTeacher
 from promptbake.render import Renderer
@@ -16,7 +17,7 @@ PROMPTS = [[{"role": "user", "content": t}] for t in ("Why is the sky blue?", "W
 
 
 def _pair(model, tok, quantised: bool) -> StudentTeacher:
-    student = _add_lora(model, DistillConfig(model="x", prompt="x"))
+    student = add_lora(model, DistillConfig(model="x", prompt="x"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in student.named_parameters():
@@ -44,7 +45,7 @@ def test_4bit_lora_gradients_match_the_dequantised_model_after_a_rollout(tmp_pat
         ro = pair.rollout(PROMPTS, torch.Generator().manual_seed(0))
         if name == "4bit":
             fixed = ro
-        pair.reverse_kl(fixed, train=True)
+        OPCD(pair).backward(fixed, pair.teacher_states(fixed))
         grads[name] = {n: p.grad for n, p in pair.student.named_parameters() if p.grad is not None}
     assert grads["4bit"].keys() == grads["dequantised"].keys() and grads["4bit"]
     for n, want in grads["dequantised"].items():

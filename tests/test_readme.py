@@ -4,8 +4,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from promptbake.config import DistillConfig, flag
-from promptbake.evaluate import EvalConfig
+from promptbake.config import DistillConfig, EvalConfig, flag
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

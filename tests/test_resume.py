@@ -76,17 +76,16 @@ def reference(tiny_model, prompt_files, tmp_path_factory) -> Path:
 
 def at_train_step(monkeypatch, k: int, action) -> None:
     """Call action() at the start of the k-th training student pass (step k of this process)."""
-    original = StudentTeacher.student_kl
+    original = StudentTeacher.student_states
     calls = {"n": 0}
 
-    def wrapped(self, ro, t_hidden, *, train):
-        if train:
-            calls["n"] += 1
-            if calls["n"] == k:
-                action()
-        return original(self, ro, t_hidden, train=train)
+    def wrapped(self, ro):
+        calls["n"] += 1
+        if calls["n"] == k:
+            action()
+        return original(self, ro)
 
-    monkeypatch.setattr(StudentTeacher, "student_kl", wrapped)
+    monkeypatch.setattr(StudentTeacher, "student_states", wrapped)
 
 
 def send(signum):
@@ -246,18 +245,15 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, prompt_files, 
     import torch
 
     out = tmp_path / "baked"
-    original = StudentTeacher.student_kl
+    original = StudentTeacher.student_states
     calls = {"n": 0}
 
-    def nan_at_5(self, ro, t_hidden, *, train):
-        kl = original(self, ro, t_hidden, train=train)
-        if train:
-            calls["n"] += 1
-            if calls["n"] == 5:
-                return kl * float("nan")
-        return kl
+    def nan_at_5(self, ro):
+        hidden = original(self, ro)
+        calls["n"] += 1
+        return hidden * float("nan") if calls["n"] == 5 else hidden
 
-    monkeypatch.setattr(StudentTeacher, "student_kl", nan_at_5)
+    monkeypatch.setattr(StudentTeacher, "student_states", nan_at_5)
     result = run(bake_args(tiny_model, prompt_files, out))
     assert result.exit_code == 3
     assert result.output.strip().splitlines()[-1] == (

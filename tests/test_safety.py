@@ -67,17 +67,17 @@ def every_file(*folders: Path) -> dict[Path, bytes]:
 def test_system_prompt_appears_nowhere(tiny_model, prompt_files, tmp_path, capfd, monkeypatch):
     secret = SECRET.encode("utf-8")
     stopped_out = tmp_path / "stopped"
-    original = StudentTeacher.student_kl
+    original = StudentTeacher.student_states
 
-    def stop_at_step_2(self, ro, t_hidden, *, train):
-        if train and stop_at_step_2.calls == 1:
+    def stop_at_step_2(self, ro):
+        if stop_at_step_2.calls == 1:
             os.kill(os.getpid(), signal.SIGINT)
-        stop_at_step_2.calls += train
-        return original(self, ro, t_hidden, train=train)
+        stop_at_step_2.calls += 1
+        return original(self, ro)
 
     stop_at_step_2.calls = 0
     with monkeypatch.context() as m:
-        m.setattr(StudentTeacher, "student_kl", stop_at_step_2)
+        m.setattr(StudentTeacher, "student_states", stop_at_step_2)
         stopped = run(bake_args(tiny_model, prompt_files, stopped_out))
     assert stopped.exit_code == 130
     work_files = every_file(tmp_path / "stopped.work")

@@ -23,7 +23,7 @@ def _ids(pair):
 
 
 def _kw(pair, **over):
-    kw = dict(pair.gen_kwargs, max_new_tokens=10, temperature=0.0)
+    kw = dict(pair.sampling.kwargs(), max_new_tokens=10, temperature=0.0)
     kw.update(over)
     return kw
 

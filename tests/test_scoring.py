@@ -6,6 +6,7 @@ import torch
 import tiny
 from conftest import PIRATE
 from promptbake.losses import reverse_kl_loss
+from promptbake.methods import OPCD
 from promptbake.scoring import predicting_positions, right_pad
 
 PROMPTS = [[{"role": "user", "content": t}] for t in ("Why is the sky blue?", "Write a poem about the sea.", "Hola")]
@@ -20,7 +21,7 @@ COUNTING = (
 
 def _kl_and_grads(pair, ro):
     pair.student.zero_grad(set_to_none=True)
-    kl = pair.student_kl(ro, pair.teacher_states(ro), train=True)
+    kl = OPCD(pair).backward(ro, pair.teacher_states(ro))
     grads = {n: p.grad.clone() for n, p in pair.student.named_parameters() if p.grad is not None}
     return kl, grads
 

@@ -76,18 +76,18 @@ def load_pair(folder: Path, system: str, *, lora_init_std: float = 0.02, **pair_
     student differs from the teacher's base) and return the StudentTeacher."""
     import torch
 
-    from promptbake.bake import _add_lora
     from promptbake.config import DistillConfig
     from promptbake.models import load_model, load_tokenizer, resolve_model
     from promptbake.pair import StudentTeacher
     from promptbake.render import Renderer
+    from promptbake.setup import add_lora
 
     src = resolve_model(str(folder))
     tok = load_tokenizer(src)
     torch.manual_seed(0)
     model = load_model(src, quant="none", device=torch.device("cpu"), dtype=torch.float32)
     cfg = DistillConfig(model=str(folder), prompt=Path("x"))
-    student = _add_lora(model, cfg)
+    student = add_lora(model, cfg)
     if lora_init_std:
         g = torch.Generator().manual_seed(1)
         for name, p in student.named_parameters():

@@ -1,0 +1,128 @@
+"""After training: merge, closing evaluation, record, model card, then publish the output folder.
+
+Everything is built in a hidden folder beside --out and renamed into place only when
+complete, so an earlier --out survives any failure and a failed write can be retried
+from the work folder without retraining.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from . import __version__, merge
+from .config import DistillConfig
+from .data import sha256_text
+from .errors import WriteError, describe
+from .eval import evaluate_bake
+from .output import is_write_error, make_staging, publish, write_json, write_model_card
+from .setup import Inputs, Run
+from .train import diverged
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    kl_before: float
+    kl_after: float
+    steps: int
+    wall_seconds: float
+    peak_memory_mb: float
+    record: dict = field(repr=False)
+
+
+def finish(cfg: DistillConfig, inputs: Inputs, run: Run, kl_before: float, kl_after: float, started: float,
+           console: Console) -> DistillResult:
+    """Write the merged checkpoint, adapter, tokenizer, metrics, evaluation and record to cfg.out."""
+    if not math.isfinite(kl_after):  # never merge weights whose outputs are inf/nan
+        raise diverged(f"after training the held-out KL is {kl_after}", cfg, f"{run.work.path} is kept")
+    console.print("merging the adapter into the full-precision base")
+    staging = make_staging(cfg.out)
+    try:
+        run.student.save_pretrained(staging / "adapter")
+        merge.save_merged(run.student, staging / "adapter", staging, src=inputs.src, quantised=run.quant != "none",
+                          dtype=run.dtype, trust_remote_code=cfg.trust_remote_code)
+        run.tok.save_pretrained(staging)
+        shutil.copyfile(run.work.path / "metrics.jsonl", staging / "metrics.jsonl")
+        evaluation = evaluate_bake(cfg, staging, run.heldout, inputs.checks, console) if cfg.eval else None
+        wall = time.time() - started
+        peak_mb = peak_memory_mb(run.device)
+        results = dict(heldout_kl_before=kl_before, heldout_kl_after=kl_after, steps=cfg.steps,
+                       wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1),
+                       eval=evaluation.to_json() if evaluation else None)
+        record = bake_record(cfg, inputs, run, results)
+        write_json(staging / "promptbake.json", record)
+        write_model_card(staging, record)
+        publish(staging, cfg.out, cfg.overwrite)
+    except Exception as err:
+        if not is_write_error(err):
+            raise
+        raise WriteError(
+            f"can't write --out {cfg.out} ({describe(err)}); it was left as it was. The trained adapter is "
+            f"kept in {run.work.path}: free some space and run the same command again to finish without retraining."
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when published
+    return DistillResult(cfg.out, kl_before, kl_after, cfg.steps, wall, peak_mb, record)
+
+
+def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict) -> dict:
+    """promptbake.json: what was baked from what, with which settings and versions, and the figures."""
+    import peft
+    import torch
+    import transformers
+
+    config, pair, ps = run.config, run.pair, run.prompt_set
+    probe = [{"role": "user", "content": "?"}]
+    return {
+        "promptbake_version": __version__,
+        "base_model": cfg.model,
+        "teacher_model": cfg.teacher or cfg.model,
+        "system_prompt_sha256": sha256_text(inputs.system),
+        **({"system_prompt": inputs.system} if cfg.record_prompt else {}),  # confidential unless asked
+        # Prompt tokens a deployed request no longer carries: teacher input minus student input.
+        "system_prompt_tokens": len(run.renderer.teacher_ids(probe)) - len(run.renderer.student_ids(probe)),
+        "architecture": (config.architectures or [config.model_type])[0],
+        "vocab_size": config.get_text_config().vocab_size,
+        "settings": cfg.to_record(),
+        "resolved": {
+            "device": run.device.type, "dtype": str(run.dtype).removeprefix("torch."), "quant": run.quant,
+            "system_role": run.renderer.system_role,
+            "prefix_reuse": bool(pair.prefix and pair.prefix.usable and not pair.prefix_misses),
+        },
+        "prompts": dict(source=cfg.prompts, read=ps.rows, dropped=ps.dropped, train=len(run.train),
+                        heldout=len(run.heldout), dropped_too_long=ps.dropped.get("too_long", 0)),
+        "results": results,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def print_summary(console: Console, r: DistillResult, device) -> None:
+    from rich.table import Table
+
+    table = Table(title="promptbake distill", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    change = (1 - r.kl_after / r.kl_before) * 100 if r.kl_before > 0 else 0.0
+    table.add_row("held-out KL/token before", f"{r.kl_before:.4f}")
+    table.add_row("held-out KL/token after", f"{r.kl_after:.4f} ({change:.0f}% lower)" if change >= 0
+                  else f"{r.kl_after:.4f} ({-change:.0f}% higher)")
+    table.add_row("steps", str(r.steps))
+    table.add_row("wall time", f"{r.wall_seconds / 60:.1f} min")
+    table.add_row("peak memory", f"{r.peak_memory_mb:,.0f} MiB ({'GPU' if device.type == 'cuda' else 'RSS'})")
+    table.add_row("checkpoint", str(r.out))
+    console.print(table)

@@ -1,0 +1,86 @@
+"""Training methods: what one optimizer step computes on a fresh batch of prompts.
+
+A method turns a batch into gradients on the LoRA weights and says what it measured;
+the loop (train.py) owns everything else: batches, seeds, clipping, the optimizer
+update, checkpoints and the step log. A new method is one class with a `step` here
+and a line in `METHODS`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .data import Messages
+from .losses import backward_in_chunks, token_reverse_kl
+from .pair import Rollout, StudentTeacher
+
+
+@dataclass
+class StepStats:
+    loss: float  # the method's token-mean loss on this batch (for OPCD: reverse KL per token)
+    tokens: int  # response tokens trained on
+    rollout_tokens: int  # tokens sampled this step (the tokens/s figure)
+
+
+class PhaseTimer:
+    """Seconds per phase of a step. On CUDA it synchronises before each reading: kernels run
+    asynchronously, so an unsynchronised clock charges one phase's work to the next."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+class OPCD:
+    """On-policy context distillation: the student samples without the system prompt, the
+    prompted teacher scores those tokens, and the loss is the exact reverse KL(student || teacher)."""
+
+    name = "opcd"
+
+    def __init__(self, pair: StudentTeacher):
+        self.pair = pair
+
+    def step(self, batch: list[Messages], generator: torch.Generator, timer: PhaseTimer) -> StepStats:
+        with timer("rollout"):
+            ro = self.pair.rollout(batch, generator)  # student samples, no system prompt
+        with timer("teacher"):
+            t_hidden = self.pair.teacher_states(ro)  # (N, H), prompted teacher, no grad
+        with timer("student"):
+            kl = self.backward(ro, t_hidden)  # (N,)
+        return StepStats(loss=kl.mean().item(), tokens=ro.n_tokens, rollout_tokens=ro.n_tokens)
+
+    def backward(self, ro: Rollout, t_hidden: torch.Tensor) -> torch.Tensor:
+        """Per-token reverse KL on the rollout; the gradient of its token-mean lands in the LoRA weights."""
+        pair = self.pair
+        s_hidden = pair.student_states(ro)  # (N, H), graph through the LoRA weights
+        leaf = s_hidden.detach().requires_grad_(True)  # cut here: the head and loss run in chunks
+        kl = backward_in_chunks(
+            leaf, pair.student_head,
+            lambda logits, rows: token_reverse_kl(logits, _no_grad(pair.teacher_head, t_hidden[rows]), pair.kl_topk),
+            chunk_size=pair.chunk_size, scale=1.0 / max(ro.n_tokens, 1),
+        )
+        if leaf.grad is not None and s_hidden.requires_grad:
+            s_hidden.backward(leaf.grad)  # the rest of the backward: through the decoder into the LoRA weights
+        return kl
+
+
+def _no_grad(head, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return head(hidden)
+
+
+METHODS = {OPCD.name: OPCD}

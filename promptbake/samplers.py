@@ -1,0 +1,114 @@
+"""Which code draws the responses: one `Sampler` interface over every rollout backend.
+
+A sampler is built once for a model and asked for one response per prompt:
+`refresh()` before sampling when the weights it reads may have changed (the LoRA
+adapter after an optimizer step), then `sample(prompt_ids, generator)`. The bake,
+the baselines' teacher samples and the evaluation all go through it, so a new
+backend is one new class here and a line in `make_sampler`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .sampling import RolloutModel, rollout_dtype, sample, sample_with_generate
+
+
+@dataclass(frozen=True)
+class SamplingArgs:
+    """What every sampler needs besides the prompts: length, temperature, nucleus, stop and pad ids."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    eos_ids: list[int]
+    pad_id: int
+
+    @classmethod
+    def for_model(cls, tokenizer, model, *, max_new_tokens: int, temperature: float, top_p: float = 1.0):
+        return cls(max_new_tokens, temperature, top_p, eos_token_ids(tokenizer, model), tokenizer.pad_token_id)
+
+    def kwargs(self) -> dict:
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                    eos_ids=self.eos_ids, pad_id=self.pad_id)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS plus the generation config's (often a list)."""
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return sorted(ids)
+
+
+class Sampler(Protocol):
+    description: str  # which code runs, in words (benchmarks and notices print it)
+
+    def refresh(self) -> None: ...
+
+    def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[list[int]]: ...
+
+
+class LoopSampler:
+    """promptbake's own decode loop on a model as it is (a PEFT model runs its LoRA branches at every token)."""
+
+    def __init__(self, model, args: SamplingArgs, description: str = "own decode loop"):
+        self.model, self.args, self.description = model, args, description
+
+    def refresh(self) -> None:
+        pass  # reads the live weights
+
+    def sample(self, prompts, generator):
+        self.model.eval()
+        return sample(self.model, prompts, generator=generator, **self.args.kwargs())
+
+
+class GenerateSampler:
+    """Hugging Face `generate` on the model as it is: for debugging, and the benchmarks' baseline."""
+
+    description = "HF generate on the PEFT model"
+
+    def __init__(self, model, args: SamplingArgs):
+        self.model, self.args = model, args
+
+    def refresh(self) -> None:
+        pass
+
+    def sample(self, prompts, generator):
+        self.model.eval()
+        return sample_with_generate(self.model, prompts, generator=generator, **self.args.kwargs())
+
+
+class MergedCopySampler:
+    """The own loop on a plain copy of the student with the adapter merged in, rewritten at each refresh."""
+
+    def __init__(self, peft_model, args: SamplingArgs):
+        base_param = next(peft_model.parameters())
+        dtype = rollout_dtype(base_param.dtype, base_param.device)
+        self.copy = RolloutModel(peft_model, dtype)
+        self.args = args
+        name = str(dtype).removeprefix("torch.")
+        self.description = (f"LeanDecoder, {name}" if self.copy.reason is None
+                            else f"merged HF copy, {name} ({self.copy.reason})")
+
+    def refresh(self) -> None:
+        self.copy.refresh()
+
+    def sample(self, prompts, generator):
+        return sample(self.copy.model, prompts, generator=generator, **self.args.kwargs())
+
+
+def make_sampler(mode: str, peft_model, args: SamplingArgs, *, quantised: bool) -> Sampler:
+    """The student's sampler for --rollout `mode` (fast / exact / generate)."""
+    if mode == "generate":
+        return GenerateSampler(peft_model, args)
+    if mode == "exact" or quantised:  # no merged copy of a quantised base: its LoRA path is the sampler
+        return LoopSampler(peft_model, args, "own loop on the PEFT model")
+    return MergedCopySampler(peft_model, args)

@@ -1,0 +1,187 @@
+"""What a bake needs before it trains: checked inputs, then tokenizer, renders, model, LoRA and pair.
+
+`read_inputs` reads and checks every file and option without importing torch, so bad
+input fails in about a second. `prepare` then loads what the run needs, still checking
+lengths and vocabularies before the weights load. `add_lora` and `build_pair` are the
+public way to build the student/teacher pair (benchmarks and tests use them too).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .checkpoint import WorkFolder, run_settings
+from .checks import Check, checks_for
+from .config import DistillConfig
+from .data import Messages, PromptSet, load_prompt_set, read_system_prompt, split_holdout
+from .errors import ContextTooLongError, InputError
+from .models import (ModelSource, check_tokenizers_match, context_length, load_config, load_model, load_tokenizer,
+                     pick_device_and_dtype, resolve_model, resolve_quant)
+from .output import check_output
+from .render import Renderer
+
+
+@dataclass
+class Inputs:
+    """Everything distill reads from the user's files, checked, before torch is imported."""
+
+    system: str
+    prompt_set: PromptSet
+    checks: list[Check]
+    template: str | None
+    src: ModelSource
+    teacher_src: ModelSource | None
+
+
+def read_inputs(cfg: DistillConfig) -> Inputs:
+    cfg.validate()
+    system = read_system_prompt(cfg.prompt)
+    prompt_set = load_prompt_set(cfg.prompts, prompt_field=cfg.prompt_field, split=cfg.split,
+                                 max_prompts=cfg.max_prompts, seed=cfg.seed)
+    checks = checks_for(cfg.checks, cfg.prompt, cfg.min_pass_rate) if cfg.eval else []
+    check_output(cfg.out, cfg.overwrite)
+    template = read_template(cfg.chat_template)
+    src = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    teacher_src = resolve_model(cfg.teacher, "teacher model", allow_pickle=cfg.allow_pickle) if cfg.teacher else None
+    return Inputs(system, prompt_set, checks, template, src, teacher_src)
+
+
+@dataclass
+class Run:
+    """A bake ready to train: the loaded pieces and the prompt split."""
+
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    quant: str  # resolved: 4bit, 8bit or none
+    work: WorkFolder
+    tok: Any
+    renderer: Any  # render.Renderer
+    config: Any  # the model's transformers config
+    prompt_set: PromptSet  # after the context-length filter
+    train: list[Messages]
+    heldout: list[Messages]
+    student: Any  # peft model
+    pair: Any  # pair.StudentTeacher
+    params: list  # the trainable (LoRA) parameters
+    optimizer: Any
+
+
+def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
+    """Tokenizer, renders and length checks, then the weights: the base once, frozen, with LoRA on top."""
+    quiet_libraries()
+    import torch
+
+
+    device, dtype = pick_device_and_dtype()
+    quant = resolve_quant(cfg.quant, device)
+    # A stopped bake left OUT.work/: resume it if the settings match, refuse (naming one) if not.
+    settings = run_settings(cfg, system=inputs.system, prompts=inputs.prompt_set.prompts, template=inputs.template,
+                            quant=quant, dtype=dtype)
+    work = WorkFolder.open(cfg.out, settings, steps=cfg.steps, resume=cfg.resume, console=console)
+    trust = cfg.trust_remote_code
+    tok = load_tokenizer(inputs.src, chat_template=inputs.template, trust_remote_code=trust)
+    renderer = Renderer(tok, inputs.system, cfg.model)
+    if not renderer.system_role:
+        console.print("[yellow]note:[/] the chat template has no system role; the teacher gets the system prompt "
+                      "at the start of the first user turn.")
+    config = load_config(inputs.src, trust_remote_code=trust)
+    prompt_set = fit_context(inputs.prompt_set, renderer, context_length(config), cfg.max_new_tokens)
+    console.print(f"prompts: {prompt_set.describe()}", markup=False, highlight=False, soft_wrap=True)
+    train, heldout = split_holdout(prompt_set.prompts, cfg.holdout, cfg.seed)
+    vocab = config.get_text_config().vocab_size
+    if cfg.kl_topk > vocab:
+        raise InputError(f"--kl-topk {cfg.kl_topk} is larger than the vocabulary ({vocab} tokens); use 0 for exact KL.")
+    if inputs.teacher_src:
+        teacher_tok = load_tokenizer(inputs.teacher_src, chat_template=inputs.template, trust_remote_code=trust)
+        teacher_config = load_config(inputs.teacher_src, trust_remote_code=trust)
+        vocab = check_tokenizers_match(tok, teacher_tok, vocab, teacher_config.get_text_config().vocab_size)
+
+    console.print(f"loading {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}, quant {quant})")
+    torch.manual_seed(cfg.seed)  # the LoRA init
+    load = dict(quant=quant, device=device, dtype=dtype, trust_remote_code=trust)
+    student = add_lora(load_model(inputs.src, **load), cfg)
+    teacher = load_model(inputs.teacher_src, **load) if inputs.teacher_src else None
+    pair = build_pair(student, renderer, cfg, vocab=vocab, quant=quant, teacher=teacher)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    return Run(device, dtype, quant, work, tok, renderer, config, prompt_set, train, heldout, student, pair,
+               params, optimizer)
+
+
+def add_lora(base, cfg: DistillConfig):
+    """Wrap the frozen base in a fresh LoRA adapter as cfg says (rank, alpha, dropout, target modules)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(base, lora)
+    except ValueError as err:
+        raise InputError(f"--lora-targets {cfg.lora_targets}: {str(err).splitlines()[0]}") from None
+
+
+def build_pair(student, renderer, cfg: DistillConfig, *, vocab: int, quant: str, teacher=None):
+    """The StudentTeacher for `student` (a LoRA-wrapped model) with cfg's sampling, loss and speed settings."""
+    from .pair import StudentTeacher
+
+    return StudentTeacher(
+        student, renderer, teacher=teacher, vocab=vocab, quantised=quant != "none",
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        kl_topk=cfg.kl_topk, chunk_size=cfg.chunk_size, rollout=cfg.rollout, prefix_reuse=cfg.prefix_reuse,
+    )
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter (progress bars, deprecation notes) that would bury promptbake's own output."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.cextension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def read_template(path: Path | None) -> str | None:
+    """The --chat-template file's text (None when not given)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--chat-template {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--chat-template {path} is not UTF-8 text.") from None
+    if not text.strip():
+        raise InputError(f"--chat-template {path} is empty.")
+    return text
+
+
+def fit_context(prompt_set: PromptSet, renderer, ctx: int | None, max_new: int) -> PromptSet:
+    """Keep prompts whose teacher input plus a full response fits; the system prompt itself must fit."""
+    if ctx is None:
+        return prompt_set
+    shortest = len(renderer.teacher_ids([{"role": "user", "content": "?"}]))
+    if shortest + max_new > ctx:
+        raise ContextTooLongError(
+            f"the system prompt renders to {shortest} tokens; with --max-new-tokens {max_new} that exceeds "
+            f"the model's context of {ctx} tokens. Shorten the prompt or lower --max-new-tokens; "
+            "promptbake never truncates the system prompt."
+        )
+    kept = prompt_set.keep(lambda m: len(renderer.teacher_ids(m)) + max_new <= ctx, "too_long")
+    if not kept.prompts:
+        raise ContextTooLongError(
+            f"all {len(prompt_set)} prompts are too long for the context of {ctx} tokens with the system prompt "
+            f"and {max_new} new tokens; lower --max-new-tokens or use shorter prompts."
+        )
+    return kept

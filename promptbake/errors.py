@@ -38,6 +38,10 @@ class OutputExistsError(PromptbakeError):
     """The output folder exists and --overwrite was not given."""
 
 
+class OutputLockedError(PromptbakeError):
+    """Another bake that is still running holds the lock on this output (see lock.py)."""
+
+
 class TrainingError(PromptbakeError):
     """Training stopped: the loss became NaN/inf or memory ran out."""
 

@@ -7,6 +7,7 @@ about a second; the `load_*` functions import transformers when called.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import socket
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class ModelSource:
     gguf_file: str | None = None
     local_files_only: bool = False
     allow_pickle: bool = False  # --allow-pickle: accept pytorch_model.bin weights
+    pickle_option: str | None = "--allow-pickle"  # the command's option that accepts pickle; None if it has none
 
     @property
     def kwargs(self) -> dict:
@@ -39,9 +41,14 @@ class ModelSource:
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-def resolve_model(spec: str, what: str = "model", *, allow_pickle: bool = False) -> ModelSource:
+def resolve_model(spec: str, what: str = "model", *, allow_pickle: bool = False,
+                  pickle_option: str | None = "--allow-pickle") -> ModelSource:
     """Turn --model/--teacher into a ModelSource, failing fast on missing paths, unreachable hubs and
-    folders whose weights exist only as pickle files (unpickling can run code) unless allow_pickle."""
+    folders whose weights exist only as pickle files (unpickling can run code) unless allow_pickle.
+
+    pickle_option: the option that would accept pickle weights, for the messages; None for a command
+    (chat) that has none, so they don't suggest one.
+    """
     path = Path(spec).expanduser()
     looks_local = path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     if looks_local:
@@ -59,12 +66,17 @@ def resolve_model(spec: str, what: str = "model", *, allow_pickle: bool = False)
         if pickles and not any(path.glob("*.safetensors")) and not allow_pickle:
             raise InputError(
                 f"{what} folder {spec} holds its weights only as pickle ({pickles[0]}), and loading pickle can run "
-                "code: convert it to safetensors, or pass --allow-pickle if you trust where it came from."
+                f"code: convert it to safetensors{_or_pass(pickle_option)}."
             )
-        return ModelSource(spec, str(path), allow_pickle=allow_pickle)
+        return ModelSource(spec, str(path), allow_pickle=allow_pickle, pickle_option=pickle_option)
     if not HUB_ID.match(spec):
         raise InputError(f"{what} {spec!r} is neither an existing path nor a hub id like org/name.")
-    return ModelSource(spec, spec, local_files_only=not hub_reachable_or_cached(spec, what), allow_pickle=allow_pickle)
+    return ModelSource(spec, spec, local_files_only=not hub_reachable_or_cached(spec, what), allow_pickle=allow_pickle,
+                       pickle_option=pickle_option)
+
+
+def _or_pass(pickle_option: str | None) -> str:
+    return f", or pass {pickle_option} if you trust where it came from" if pickle_option else " first"
 
 
 def hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -> bool:
@@ -102,10 +114,16 @@ def hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -
 def load_tokenizer(src: ModelSource, *, chat_template: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    folder = Path(src.path)
+    if not src.gguf_file and folder.is_dir() and not any(_is_tokenizer_file(p.name) for p in folder.iterdir()):
+        raise ModelLoadError(f"{src.spec} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): copy "
+                             "those of the model it came from into that folder.")
     try:
         tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"can't load the tokenizer of {src.spec}: {_first_line(err)}") from None
+    except Exception as err:  # the tokenizers library raises a bare Exception for a broken tokenizer.json
+        _reraise_unless_a_file_problem(err)
+        raise ModelLoadError(f"can't load the tokenizer of {src.spec}: {_one_line(err)} Check its tokenizer "
+                             "files (tokenizer.json, tokenizer_config.json), or download or copy them again.") from None
     if chat_template is not None:
         tok.chat_template = chat_template
     if tok.pad_token_id is None:
@@ -120,7 +138,8 @@ def load_config(src: ModelSource, *, trust_remote_code: bool = False):
 
     try:
         return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
-    except (OSError, ValueError) as err:
+    except Exception as err:
+        _reraise_unless_a_file_problem(err)
         raise ModelLoadError(f"can't read the config of {src.spec}: {_first_line(err)}") from None
 
 
@@ -178,13 +197,8 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
     try:
         with _no_gguf_progress_bar():
             model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
-        if kwargs.get("use_safetensors") and "safetensors" in str(err):
-            raise ModelLoadError(
-                f"model {src.spec} has no safetensors weights, and loading pickle weights can run code: "
-                "pass --allow-pickle if you trust where it came from."
-            ) from None
-        raise ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}") from None
+    except Exception as err:
+        raise _weights_error(err, src, use_safetensors=kwargs.get("use_safetensors", False)) from None
     if quant == "none":
         model.to(device)
     elif quant == "4bit" and device.type == "cpu":
@@ -253,6 +267,142 @@ def check_tokenizers_match(student_tok, teacher_tok, student_vocab: int, teacher
     return shared
 
 
+def _weights_error(err: Exception, src: ModelSource, *, use_safetensors: bool) -> Exception:
+    """The ModelLoadError for a failed weights load; errors that aren't about the files pass through."""
+    import pickle
+
+    _reraise_unless_a_file_problem(err)
+    if type(err).__name__ == "SafetensorError" or "deserializing header" in str(err):
+        return ModelLoadError(
+            f"model {src.spec}: a safetensors weights file is damaged or incomplete ({_first_line(err)}); "
+            "download or copy the model again."
+        )
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        return ModelLoadError(
+            f"model {src.spec}: torch refused to load its pickle weights because they hold more than tensors, "
+            "and unpickling them could run code. Don't use these files; convert a copy you trust to safetensors."
+        )
+    if use_safetensors and "safetensors" in str(err):
+        return ModelLoadError(f"model {src.spec} has no safetensors weights, and loading pickle weights can run "
+                              f"code: convert them to safetensors{_or_pass(src.pickle_option)}.")
+    return ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}")
+
+
+def _reraise_unless_a_file_problem(err: Exception) -> None:
+    """Out of memory and interrupts are not a broken model: let them through to their own handling."""
+    from .errors import PromptbakeError, is_out_of_memory
+
+    if is_out_of_memory(err) or isinstance(err, PromptbakeError):
+        raise err
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """All of a library's message on one line (some put the useful part on the second), ending in a stop."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if text.endswith((".", "…")) else text + "."
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+# --- The model's identity, for refusing a resume whose model changed at the same path. ---
+
+_TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt")
+_TEMPLATE_NAMES = ("chat_template.jinja", "chat_template.json")
+_CONFIG_NAMES = ("config.json", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".index.json")
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in _TOKENIZER_NAMES or name.endswith(".model")
+
+
+def model_fingerprint(src: ModelSource) -> dict[str, str]:
+    """A cheap identity of a model's files, one SHA-256 per part, so a change can be named.
+
+    {"config": ..., "tokenizer": ..., "chat_template": ..., "weights": ...}, or {"gguf": ...} for a .gguf file
+
+    config, tokenizer and chat_template hash the contents of those small files (config.json and
+    generation_config.json; tokenizer.json, tokenizer_config.json without its chat template, vocab,
+    merges, sentencepiece models; chat_template.jinja/.json, the template inside tokenizer_config.json
+    and additional_chat_templates/). Weights files (*.safetensors, *.bin, *.gguf, ...) are far too big
+    to hash at every start: their name, size and modification time stand for them, so rewriting a
+    file in place is seen, while copying the model without keeping times (`cp` without `-p`) also
+    counts as a change. A .gguf model holds everything in its one file: its one part is that
+    file's name, size and time. A hub id uses its cached snapshot's files and, for weights (not downloaded
+    yet at the first start), the snapshot's commit; call it after the config and tokenizer are loaded.
+    """
+    folder = _snapshot_folder(src)
+    if src.gguf_file:
+        return {"gguf": _sha256_text(_stat_line(folder / src.gguf_file))}
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    names = {p.name: p for p in files}
+
+    def digest(parts: list[tuple[str, bytes]]) -> str:
+        h = hashlib.sha256()
+        for name, data in parts:
+            h.update(f"{name}\0{len(data)}\0".encode("utf-8") + data)
+        return h.hexdigest()
+
+    tokenizer_config, template = names.get("tokenizer_config.json"), b""
+    tok_parts = []
+    for p in files:
+        if not _is_tokenizer_file(p.name):
+            continue
+        data = p.read_bytes()
+        if p == tokenizer_config:  # its chat template is a part of its own
+            data, template = _split_template(data)
+        tok_parts.append((p.name, data))
+    template_parts = [("tokenizer_config.json:chat_template", template)]
+    template_parts += [(n, names[n].read_bytes()) for n in _TEMPLATE_NAMES if n in names]
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        template_parts += [(f"{extra.name}/{p.name}", p.read_bytes()) for p in sorted(extra.iterdir()) if p.is_file()]
+    if src.path != str(folder):  # a hub id: the snapshot's commit names its weights
+        weights = _sha256_text(folder.name)
+    else:
+        weights = _sha256_text("\n".join(_stat_line(p) for p in files if p.name.endswith(_WEIGHT_SUFFIXES)))
+    return {
+        "config": digest([(n, names[n].read_bytes()) for n in _CONFIG_NAMES if n in names]),
+        "tokenizer": digest(tok_parts),
+        "chat_template": digest(template_parts),
+        "weights": weights,
+    }
+
+
+def _snapshot_folder(src: ModelSource) -> Path:
+    """The folder holding the model's files: the local one, or a hub id's cached snapshot."""
+    folder = Path(src.path)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(src.path, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else folder
+
+
+def _split_template(tokenizer_config: bytes) -> tuple[bytes, bytes]:
+    """(tokenizer_config.json without "chat_template", that template as bytes)."""
+    import json
+
+    try:
+        data = json.loads(tokenizer_config)
+    except ValueError:
+        return tokenizer_config, b""
+    if not isinstance(data, dict):
+        return tokenizer_config, b""
+    template = data.pop("chat_template", None)
+    rest = json.dumps(data, sort_keys=True).encode("utf-8")
+    return rest, json.dumps(template, sort_keys=True).encode("utf-8") if template is not None else b""
+
+
+def _stat_line(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name} {st.st_size} {st.st_mtime_ns}"
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -68,3 +68,27 @@ class Renderer:
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         return a[:n]
+
+
+def check_teacher_sees_prompt(renderer: Renderer, template: str = "the chat template") -> None:
+    """Refuse a chat template that leaves the system prompt out of the teacher's input.
+
+    Such a template (one that ignores the messages, or drops or rewrites the system turn) bakes
+    "successfully" with a KL of 0: the teacher never saw the prompt. Two checks on a probe
+    conversation: the teacher's token ids must differ from the student's, and the rendered teacher
+    text must hold the system prompt's text (compared with whitespace collapsed, since templates trim).
+    template: how to name it in the message, e.g. "--chat-template chat.jinja" or "the chat template of MODEL".
+    """
+    messages = [{"role": "user", "content": "Hello, who are you?"}]
+    if renderer.teacher_ids(messages) == renderer.student_ids(messages):
+        raise TemplateError(
+            f"{template} renders a conversation to the same tokens with and without the system prompt, so the "
+            "teacher would never see it and there would be nothing to bake; use a template that renders system "
+            "messages (or the user's text, where the prompt goes when there is no system role)."
+        )
+    text = renderer._render(renderer.teacher_messages(messages))
+    if renderer.system not in text and " ".join(renderer.system.split()) not in " ".join(text.split()):
+        raise TemplateError(
+            f"{template} doesn't put the system prompt's text into the teacher's input (it drops or rewrites it), "
+            "so the bake would not teach that prompt; use a template that renders the messages' content as it is."
+        )

@@ -20,13 +20,24 @@ def check_kl_topk(kl_topk: int, vocab: int) -> None:
 
 
 def layer_names(config, *, trust_remote_code: bool = False) -> dict[str, str]:
-    """Every module of the model `config` describes, by name, with its class name; built without weights."""
+    """Every module of the model `config` describes, by name, with its kind; built without weights.
+
+    The kind of a layer LoRA can adapt is the torch class it derives from ("Linear", "Embedding": Gemma's
+    scaled embedding is one); any other module's kind is its own class name.
+    """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
+    bases = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D,
+             torch.nn.MultiheadAttention)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+    def kind(module) -> str:
+        return next((base.__name__ for base in bases if isinstance(module, base)), type(module).__name__)
+
+    return {name: kind(module) for name, module in model.named_modules() if name}
 
 
 def check_lora_targets(lora_targets: str, layers: dict[str, str]) -> None:

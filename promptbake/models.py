@@ -28,7 +28,6 @@ class ModelSource:
     gguf_file: str | None = None
     local_files_only: bool = False
     allow_pickle: bool = False  # --allow-pickle: accept pytorch_model.bin weights
-    pickle_option: str | None = "--allow-pickle"  # the command's option that accepts pickle; None if it has none
 
     @property
     def kwargs(self) -> dict:
@@ -41,14 +40,9 @@ class ModelSource:
 _PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-def resolve_model(spec: str, what: str = "model", *, allow_pickle: bool = False,
-                  pickle_option: str | None = "--allow-pickle") -> ModelSource:
+def resolve_model(spec: str, what: str = "model", *, allow_pickle: bool = False) -> ModelSource:
     """Turn --model/--teacher into a ModelSource, failing fast on missing paths, unreachable hubs and
-    folders whose weights exist only as pickle files (unpickling can run code) unless allow_pickle.
-
-    pickle_option: the option that would accept pickle weights, for the messages; None for a command
-    (chat) that has none, so they don't suggest one.
-    """
+    folders whose weights exist only as pickle files (unpickling can run code) unless allow_pickle."""
     path = Path(spec).expanduser()
     looks_local = path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     if looks_local:
@@ -66,17 +60,12 @@ def resolve_model(spec: str, what: str = "model", *, allow_pickle: bool = False,
         if pickles and not any(path.glob("*.safetensors")) and not allow_pickle:
             raise InputError(
                 f"{what} folder {spec} holds its weights only as pickle ({pickles[0]}), and loading pickle can run "
-                f"code: convert it to safetensors{_or_pass(pickle_option)}."
+                "code: convert it to safetensors, or pass --allow-pickle if you trust where it came from."
             )
-        return ModelSource(spec, str(path), allow_pickle=allow_pickle, pickle_option=pickle_option)
+        return ModelSource(spec, str(path), allow_pickle=allow_pickle)
     if not HUB_ID.match(spec):
         raise InputError(f"{what} {spec!r} is neither an existing path nor a hub id like org/name.")
-    return ModelSource(spec, spec, local_files_only=not hub_reachable_or_cached(spec, what), allow_pickle=allow_pickle,
-                       pickle_option=pickle_option)
-
-
-def _or_pass(pickle_option: str | None) -> str:
-    return f", or pass {pickle_option} if you trust where it came from" if pickle_option else " first"
+    return ModelSource(spec, spec, local_files_only=not hub_reachable_or_cached(spec, what), allow_pickle=allow_pickle)
 
 
 def hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -> bool:
@@ -284,7 +273,7 @@ def _weights_error(err: Exception, src: ModelSource, *, use_safetensors: bool) -
         )
     if use_safetensors and "safetensors" in str(err):
         return ModelLoadError(f"model {src.spec} has no safetensors weights, and loading pickle weights can run "
-                              f"code: convert them to safetensors{_or_pass(src.pickle_option)}.")
+                              "code: pass --allow-pickle if you trust where it came from.")
     return ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}")
 
 
@@ -296,16 +285,16 @@ def _reraise_unless_a_file_problem(err: Exception) -> None:
         raise err
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def _one_line(err: BaseException, limit: int = 400) -> str:
     """All of a library's message on one line (some put the useful part on the second), ending in a stop."""
     text = " ".join(str(err).split()) or type(err).__name__
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text if text.endswith((".", "…")) else text + "."
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 # --- The model's identity, for refusing a resume whose model changed at the same path. ---
@@ -335,9 +324,11 @@ def model_fingerprint(src: ModelSource) -> dict[str, str]:
     file's name, size and time. A hub id uses its cached snapshot's files and, for weights (not downloaded
     yet at the first start), the snapshot's commit; call it after the config and tokenizer are loaded.
     """
+    from .data import sha256_text  # data imports this module at its top
+
     folder = _snapshot_folder(src)
     if src.gguf_file:
-        return {"gguf": _sha256_text(_stat_line(folder / src.gguf_file))}
+        return {"gguf": sha256_text(_stat_line(folder / src.gguf_file))}
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     names = {p.name: p for p in files}
 
@@ -362,9 +353,9 @@ def model_fingerprint(src: ModelSource) -> dict[str, str]:
     if extra.is_dir():
         template_parts += [(f"{extra.name}/{p.name}", p.read_bytes()) for p in sorted(extra.iterdir()) if p.is_file()]
     if src.path != str(folder):  # a hub id: the snapshot's commit names its weights
-        weights = _sha256_text(folder.name)
+        weights = sha256_text(folder.name)
     else:
-        weights = _sha256_text("\n".join(_stat_line(p) for p in files if p.name.endswith(_WEIGHT_SUFFIXES)))
+        weights = sha256_text("\n".join(_stat_line(p) for p in files if p.name.endswith(_WEIGHT_SUFFIXES)))
     return {
         "config": digest([(n, names[n].read_bytes()) for n in _CONFIG_NAMES if n in names]),
         "tokenizer": digest(tok_parts),
@@ -404,5 +395,3 @@ def _stat_line(path: Path) -> str:
     return f"{path.name} {st.st_size} {st.st_mtime_ns}"
 
 
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -10,10 +10,10 @@ cross-comparison. A folder without a finished record (not made by `distill`, or 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from .data import sha256_text
 from .errors import InputError
 from .output import read_record
 
@@ -36,7 +36,7 @@ def check_bake_inputs(baked: Path, *, model: str, system: str, fingerprint: dict
     base = _model_problem(record, model, fingerprint)
     if base:
         problems.append(base)
-    digest = hashlib.sha256(system.encode("utf-8")).hexdigest()
+    digest = sha256_text(system)
     if digest != record["system_prompt_sha256"]:
         problems.append(f"--prompt is not the prompt baked in (its SHA-256 is {digest[:12]}…, the baked one's "
                         f"{str(record['system_prompt_sha256'])[:12]}…)")

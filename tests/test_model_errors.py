@@ -91,16 +91,6 @@ def test_allow_pickle_on_a_malicious_bin_is_refused_and_runs_nothing(tiny_model,
     assert not ran.exists()
 
 
-def test_a_command_without_allow_pickle_does_not_suggest_it(tiny_model, tmp_path):
-    model = copy_of(tiny_model, tmp_path)
-    (model / "model.safetensors").rename(model / "pytorch_model.bin")
-    with pytest.raises(Exception) as err:
-        resolve_model(str(model), pickle_option=None)
-    assert "--allow-pickle" not in str(err.value) and str(err.value).endswith("convert it to safetensors first.")
-    with pytest.raises(Exception, match="or pass --allow-pickle if you trust where it came from"):
-        resolve_model(str(model))
-
-
 def test_out_of_memory_while_loading_is_not_called_a_broken_model(tiny_model, monkeypatch):
     import torch
     import transformers

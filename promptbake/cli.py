@@ -24,7 +24,7 @@ from rich.markup import escape
 from . import __version__, data
 from .config import ChatConfig, DistillConfig, EvalConfig, flag
 from .data import read_system_prompt
-from .errors import InputError, Interrupted, PromptbakeError, Terminated
+from .errors import InputError, Interrupted, PromptbakeError, Terminated, print_line
 from .eval import evaluate, print_report
 from .eval.chat import answer, print_answers
 from .eval.systems import load_compared
@@ -80,10 +80,10 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Interrupted as err:
-        err_console.print(f"[bold red]interrupted:[/] {err}", highlight=False, soft_wrap=True)
+        print_line(err_console, "interrupted", str(err), "bold red")
         raise typer.Exit(err.exit_code) from None
     except PromptbakeError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        print_line(err_console, "error", str(err), "bold red")  # never as markup: paths may hold [brackets]
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt as err:
         err_console.print("[bold red]interrupted:[/] the output was not written; running the same command again "
@@ -244,7 +244,7 @@ app.command("chat", help=chat_command.__doc__)(chat_command)
 def _load_for_chat(cfg: ChatConfig):
     return load_compared(cfg.baked, cfg.model, read_system_prompt(cfg.prompt), max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, chat_template=cfg.chat_template,
-                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
+                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, force=cfg.force,
                          console=err_console, what="baked folder")
 
 

@@ -202,6 +202,10 @@ class EvalConfig(GateOptions, SamplingOptions, ModelOptions):
     max_prompts: int = _opt(32, "Use at most this many prompts of each set, spread evenly across it.")
     seed: int = _opt(0, "Sampling seed, the same for all three systems.")
     max_drift: float | None = _opt(None, "Exit with code 4 if KL(baked || base) per token on the drift prompts is above this.")
+    force: bool = _opt(
+        False, "Compare even when --model, --prompt or the tokenizer differ from what the bake's promptbake.json "
+        "records (a deliberate cross-comparison)."
+    )
 
     def validate(self) -> None:
         for name in ("baked", "model", "prompt"):
@@ -230,6 +234,10 @@ class ChatConfig(ModelOptions):
     max_new_tokens: int = _opt(128, "Longest answer, in tokens.")
     temperature: float = _opt(0.0, "Sampling temperature (0 = greedy: each system's most likely answer).")
     seed: int = _opt(0, "Sampling seed, the same for all three systems.")
+    force: bool = _opt(
+        False, "Compare even when --model, --prompt or the tokenizer differ from what the bake's promptbake.json "
+        "records (a deliberate cross-comparison)."
+    )
 
     def validate(self) -> None:
         for name in ("baked", "model", "prompt"):

@@ -19,9 +19,8 @@ from rich.console import Console
 from . import __version__, merge
 from .config import DistillConfig
 from .data import sha256_text
-from .errors import WriteError, describe
 from .eval import evaluate_bake
-from .output import is_write_error, make_staging, publish, write_json, write_model_card
+from .output import is_write_error, make_staging, output_files, publish, write_error, write_json, write_model_card
 from .setup import Inputs, Run
 from .train import diverged
 
@@ -43,6 +42,7 @@ def finish(cfg: DistillConfig, inputs: Inputs, run: Run, kl_before: float, kl_af
     if not math.isfinite(kl_after):  # never merge weights whose outputs are inf/nan
         raise diverged(f"after training the held-out KL is {kl_after}", cfg, f"{run.work.path} is kept")
     console.print("merging the adapter into the full-precision base")
+    kept = f"The trained adapter is kept in {run.work.path}"
     staging = make_staging(cfg.out)
     try:
         run.student.save_pretrained(staging / "adapter")
@@ -57,16 +57,14 @@ def finish(cfg: DistillConfig, inputs: Inputs, run: Run, kl_before: float, kl_af
                        wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1),
                        eval=evaluation.to_json() if evaluation else None)
         record = bake_record(cfg, inputs, run, results)
+        record["files"] = output_files(staging)  # what a later --overwrite may replace: nothing else
         write_json(staging / "promptbake.json", record)
         write_model_card(staging, record)
-        publish(staging, cfg.out, cfg.overwrite)
+        publish(staging, cfg.out, cfg.overwrite, kept=kept)
     except Exception as err:
         if not is_write_error(err):
             raise
-        raise WriteError(
-            f"can't write --out {cfg.out} ({describe(err)}); it was left as it was. The trained adapter is "
-            f"kept in {run.work.path}: free some space and run the same command again to finish without retraining."
-        ) from None
+        raise write_error(err, cfg.out, kept=kept) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published
     return DistillResult(cfg.out, kl_before, kl_after, cfg.steps, wall, peak_mb, record)
@@ -83,6 +81,9 @@ def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict) -> 
     return {
         "promptbake_version": __version__,
         "base_model": cfg.model,
+        # Where and what the base was, so eval and chat can tell another model from it (provenance.py).
+        **({"base_model_path": str(Path(cfg.model).resolve())} if Path(cfg.model).exists() else {}),
+        "base_fingerprint": run.fingerprints["model"],
         "teacher_model": cfg.teacher or cfg.model,
         "system_prompt_sha256": sha256_text(inputs.system),
         **({"system_prompt": inputs.system} if cfg.record_prompt else {}),  # confidential unless asked

@@ -63,15 +63,25 @@ def check_same_tokenizer(baked_tok, base_tok, *, baked: Path, model: str, force:
                      f"was made from, or {FORCE} to compare them anyway.")
 
 
+# How a differing part of `models.model_fingerprint` is named in messages, and whether that name is plural.
+PARTS = {"config": ("config", False), "tokenizer": ("tokenizer files", True), "chat_template": ("chat template", False),
+         "weights": ("weights files (sizes or modification times)", True),
+         "gguf": (".gguf file (size or modification time)", False)}
+
+
 def _model_problem(record: dict, model: str, fingerprint: dict | None) -> str | None:
     recorded = str(record["base_model"])
     old = record.get("base_fingerprint")
     if isinstance(old, dict) and fingerprint is not None:
-        if old == fingerprint:
+        shared = sorted(set(old) & set(fingerprint))  # a bake with --chat-template records no model template
+        parts = [PARTS.get(k, (k, False)) for k in shared if old[k] != fingerprint[k]]
+        if shared and not parts:
             return None
-        parts = [k.replace("_", " ") for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
-        verb = "differs" if len(parts) == 1 else "differ"
-        return f"--model {model} is not the bake's base {recorded} (its {' and '.join(parts)} {verb})"
+        if not shared:
+            return f"--model {model} is not the bake's base {recorded}"
+        verb = "differs" if len(parts) == 1 and not parts[0][1] else "differ"
+        names = " and ".join(name for name, _ in parts)
+        return f"--model {model} is not the bake's base {recorded} (its {names} {verb})"
     if _same_place(recorded, model, record.get("base_model_path")):
         return None
     return f"--model {model} is not the bake's base {recorded}"

@@ -59,7 +59,8 @@ def check_output(out: Path | str, overwrite: bool, *, inputs: dict[str, Path | s
         raise InputError(f"--out {out} exists and is a file; choose a folder path.")
     if out.exists():
         if not overwrite:
-            raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it, or choose another path.")
+            raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it, or choose another "
+                                    "path.")
         refusal = replace_refusal(out)
         if refusal:
             raise OutputExistsError(f"--out {out} {refusal}; --overwrite replaces only a finished promptbake output "

@@ -47,13 +47,14 @@ def check_lora_targets(lora_targets: str, layers: dict[str, str]) -> None:
         return
     targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
     if not targets:
-        raise InputError(f"--lora-targets {lora_targets!r} names no layer; give names like q_proj,v_proj or all-linear.")
+        raise InputError(f"--lora-targets {lora_targets!r} names no layer; give names like q_proj,v_proj or "
+                         "all-linear.")
     adaptable = sorted({name.rsplit(".", 1)[-1] for name, kind in layers.items() if kind in _LORA_TYPES})
     for target in targets:
         matched = [name for name in layers if name == target or name.endswith(f".{target}")]
         if not matched:
-            raise InputError(f"--lora-targets: the model has no layer named {target!r}; its layers LoRA can adapt "
-                             f"are named {', '.join(adaptable)} (or use all-linear).")
+            raise InputError(f"--lora-targets {lora_targets}: the model has no layer named {target!r}; its layers "
+                             f"LoRA can adapt are named {', '.join(adaptable)} (or use all-linear).")
         if not any(layers[name] in _LORA_TYPES for name in matched):
-            raise InputError(f"--lora-targets: {target!r} names a {layers[matched[0]]}, which LoRA can't adapt; use "
-                             f"layer names such as {', '.join(adaptable[:4])} (or all-linear).")
+            raise InputError(f"--lora-targets {lora_targets}: {target!r} names a {layers[matched[0]]}, which LoRA "
+                             f"can't adapt; use layer names such as {', '.join(adaptable[:4])} (or all-linear).")

@@ -328,8 +328,10 @@ def test_a_template_that_ignores_the_messages_is_refused_before_training(scratch
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--kl-topk", "100000"], "error: --kl-topk 100000 is larger than the vocabulary (400 tokens); use 0 for exact KL."),
-    (["--lora-targets", "q_proj,qkv_proj"], "error: --lora-targets: the model has no layer named 'qkv_proj'; "),
+    (["--kl-topk", "100000"],
+     "error: --kl-topk 100000 is larger than the vocabulary (400 tokens); use 0 for exact KL."),
+    (["--lora-targets", "q_proj,qkv_proj"],
+     "error: --lora-targets q_proj,qkv_proj: the model has no layer named 'qkv_proj'; "),
 ])
 def test_options_the_config_can_refute_are_refused_before_the_weights_load(scratch, monkeypatch, extra, expected):
     import promptbake.models

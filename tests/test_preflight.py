@@ -26,8 +26,8 @@ def test_an_unknown_name_is_refused_even_beside_known_ones(layers, targets):
     # peft itself refuses only when no name matches: "q_proj,no_such_module" would train q_proj alone, silently.
     with pytest.raises(InputError) as err:
         check_lora_targets(targets, layers)
-    assert str(err.value) == ("--lora-targets: the model has no layer named 'no_such_module'; its layers LoRA can "
-                              f"adapt are named {ADAPTABLE} (or use all-linear).")
+    assert str(err.value) == (f"--lora-targets {targets}: the model has no layer named 'no_such_module'; its layers "
+                              f"LoRA can adapt are named {ADAPTABLE} (or use all-linear).")
 
 
 def test_a_name_of_a_container_is_refused(layers):
@@ -46,7 +46,8 @@ def test_layer_names_read_no_weights(tiny_model, tmp_path):
     folder = tmp_path / "config-only"
     folder.mkdir()
     shutil.copy(tiny_model / "config.json", folder)  # no weights file at all
-    assert layer_names(load_config(resolve_model(str(folder)))) == layer_names(load_config(resolve_model(str(tiny_model))))
+    names = layer_names(load_config(resolve_model(str(folder))))
+    assert names == layer_names(load_config(resolve_model(str(tiny_model))))
 
 
 def test_kl_topk_above_the_vocabulary_is_refused():

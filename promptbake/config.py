@@ -101,7 +101,9 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
     )
     split: str = _opt("train", "Split to read from a dataset folder or hub dataset.")
     max_prompts: int = _opt(0, "Use at most this many prompts, drawn after shuffling with --seed (0 = all).")
-    overwrite: bool = _opt(False, "Replace --out if it already exists.")
+    overwrite: bool = _opt(
+        False, "Replace --out if it is a finished promptbake output or an empty folder (anything else is refused)."
+    )
     resume: bool = _opt(
         False,
         "Continue the interrupted bake kept in OUT.work/ (re-running the same command also does). "

@@ -93,12 +93,12 @@ def test_separate_teacher_with_same_tokenizer(tiny_dir, sys_prompt, prompt_set, 
 
 
 def test_overwrite_replaces_previous_output(tiny_dir, sys_prompt, prompt_set, tmp_path):
+    # A finished bake is replaced whole; a folder holding anything else is refused (tests/test_cli_safety.py).
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous")
-    result = bake(tiny_dir, sys_prompt, prompt_set, out, "--steps", "1", "--overwrite")
+    assert bake(tiny_dir, sys_prompt, prompt_set, out, "--steps", "1").exit_code == 0
+    result = bake(tiny_dir, sys_prompt, prompt_set, out, "--steps", "2", "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prompts.txt", "sys.txt"]
 
 

@@ -155,4 +155,5 @@ def check_one_bake(tiny_model, prompt_set, system, options, flags, relation):
             assert last.startswith("error: "), result.output
             if relation.startswith("fresh"):
                 assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no staging, no lock
+        leftovers = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] if out.parent.is_dir() else []
+        assert leftovers == []  # no staging folder, no lock file

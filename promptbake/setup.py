@@ -134,7 +134,7 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
     train, heldout = split_holdout(prompt_set.prompts, cfg.holdout, cfg.seed)
 
     console.print(f"loading {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}, quant {quant})",
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     torch.manual_seed(cfg.seed)  # the LoRA init
     load = dict(quant=quant, device=device, dtype=dtype, trust_remote_code=trust)
     student = add_lora(load_model(inputs.src, **load), cfg)

@@ -196,18 +196,36 @@ def test_a_read_only_or_busy_out_is_not_called_a_full_disk(scratch, baked, monke
 
 
 def test_disk_full_while_the_tokenizer_is_saved_is_a_write_error(scratch, monkeypatch):
-    from transformers import PreTrainedTokenizerBase
+    """A real ENOSPC: the staging folder's tokenizer.json is a link to /dev/full, so the tokenizers library's
+    own write fails the way it does on a full disk (a bare Exception, '... (os error 28)')."""
+    import promptbake.finish
+    from promptbake.output import make_staging
 
-    def full(self, *a, **k):
-        raise Exception("No space left on device (os error 28)")  # what the tokenizers library raises
+    def staging_on_a_full_disk(out):
+        folder = make_staging(out)
+        (folder / "tokenizer.json").symlink_to("/dev/full")
+        return folder
 
-    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    monkeypatch.setattr(promptbake.finish, "make_staging", staging_on_a_full_disk)
     out = scratch["root"] / "baked"
     result = run(args(scratch["model"], scratch["system"], scratch["prompts"], out))
-    assert result.exit_code == 3
-    assert last_line(result).startswith(f"error: can't write --out {out} (No space left on device); it was left as "
-                                        "it was. The trained adapter is kept in")
-    assert not out.exists()
+    assert result.exit_code == 3, result.output
+    work = out.parent / "baked.work"
+    assert last_line(result) == (f"error: can't write --out {out} (No space left on device); it was left as it was. "
+                                 f"The trained adapter is kept in {work}: free some space and run the same command "
+                                 "again to finish without retraining.")
+    assert not out.exists() and (work / f"step-{STEPS:06d}.pt").exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".baked")] == []
+
+
+def test_brackets_in_a_message_are_printed_as_they_are(scratch):
+    checks = scratch["root"] / "empty.checks.toml"
+    checks.write_text("# nothing yet\n")
+    result = run(args(scratch["model"], scratch["system"], scratch["prompts"], scratch["root"] / "baked", "--eval",
+                      "--checks", checks))
+    assert result.exit_code == 2
+    assert result.output == (f"error: checks file {checks} holds no [[check]] tables; see prompts/README.md for the "
+                             "format.\n")
 
 
 def test_rich_markup_in_a_path_is_printed_as_it_is(scratch):

@@ -20,7 +20,6 @@ so a resumed bake ends with the same adapter as one that was never stopped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .config import DistillConfig, flag
+from .data import sha256_text
 from .errors import InputError, Interrupted, Terminated, WriteError, describe
 
 SAVE_SECONDS = 600  # a checkpoint at least every 10 minutes, whatever --save-every says
@@ -65,9 +65,9 @@ def run_settings(cfg: DistillConfig, *, system: str, prompts: list, template: st
     """What a resumed bake must share with the stopped one: its settings, input hashes and precision."""
     settings = {k: v for k, v in cfg.to_record().items() if k not in _MAY_DIFFER}
     settings.update(
-        system_prompt_sha256=_sha256(system),
-        prompts_sha256=_sha256(json.dumps(prompts, sort_keys=True)),
-        chat_template_sha256=_sha256(template) if template is not None else None,
+        system_prompt_sha256=sha256_text(system),
+        prompts_sha256=sha256_text(json.dumps(prompts, sort_keys=True)),
+        chat_template_sha256=sha256_text(template) if template is not None else None,
         resolved_quant=quant,
         dtype=str(dtype).removeprefix("torch."),
     )
@@ -323,7 +323,3 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

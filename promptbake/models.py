@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import InputError, ModelLoadError, TokenizerMismatchError
+from .errors import InputError, ModelLoadError, TokenizerMismatchError, first_line
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -105,7 +105,7 @@ def load_tokenizer(src: ModelSource, *, chat_template: str | None = None, trust_
     try:
         tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"can't load the tokenizer of {src.spec}: {_first_line(err)}") from None
+        raise ModelLoadError(f"can't load the tokenizer of {src.spec}: {first_line(err)}") from None
     if chat_template is not None:
         tok.chat_template = chat_template
     if tok.pad_token_id is None:
@@ -121,7 +121,7 @@ def load_config(src: ModelSource, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"can't read the config of {src.spec}: {_first_line(err)}") from None
+        raise ModelLoadError(f"can't read the config of {src.spec}: {first_line(err)}") from None
 
 
 def context_length(config) -> int | None:
@@ -153,7 +153,7 @@ def resolve_quant(quant: str, device) -> str:
             import bitsandbytes  # noqa: F401
         except Exception as err:  # ImportError, or a broken native library
             raise InputError(
-                f"--quant {quant} needs bitsandbytes, which can't be loaded here ({_first_line(err)}); "
+                f"--quant {quant} needs bitsandbytes, which can't be loaded here ({first_line(err)}); "
                 "install it (pip install bitsandbytes) or use --quant none."
             ) from None
     return quant
@@ -184,7 +184,7 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
                 f"model {src.spec} has no safetensors weights, and loading pickle weights can run code: "
                 "pass --allow-pickle if you trust where it came from."
             ) from None
-        raise ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}") from None
+        raise ModelLoadError(f"can't load model {src.spec}: {first_line(err)}") from None
     if quant == "none":
         model.to(device)
     elif quant == "4bit" and device.type == "cpu":
@@ -251,8 +251,3 @@ def check_tokenizers_match(student_tok, teacher_tok, student_vocab: int, teacher
             f"a model's output layer ({shared} rows) is smaller than the tokenizer ({len(student_tok)} tokens)."
         )
     return shared
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -15,8 +15,8 @@ from rich.console import Console
 
 from ..checks import Check, checks_for
 from ..config import DistillConfig, EvalConfig
-from ..data import Messages, load_prompts, read_system_prompt, sha256_text
-from .measure import fit_prompts, measure, spread
+from ..data import Messages, load_prompts, read_system_prompt, sha256_text, spread
+from .measure import fit_prompts, measure
 from .report import EvalReport, apply_gates, print_report, write_report
 from .systems import load_compared
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from rich.console import Console
 
@@ -18,7 +18,7 @@ from .config import DistillConfig
 from .errors import TrainingError, describe, is_out_of_memory
 from .finish import DistillResult, finish, print_summary
 from .setup import hold_output, prepare, read_inputs
-from .train import diverged, heldout_kl, train
+from .train import HeldoutKL, diverged, heldout_kl, train
 
 
 def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult:
@@ -36,8 +36,8 @@ def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult
         with failures_explained(cfg, run.work.path):
             # 3. Train. The held-out KL before is kept in the work folder, so a resumed bake doesn't
             #    measure it again on trained weights; after, the same prompts with the same sampling seed.
-            kl_before = run.work.once("heldout_kl_before",
-                                      lambda: heldout_kl(run, run.heldout, cfg, console, "before"))
+            kl_before = HeldoutKL(**run.work.once(
+                "heldout_before", lambda: asdict(heldout_kl(run, run.heldout, cfg, console, "before"))))
             train(cfg, run, console)
             kl_after = heldout_kl(run, run.heldout, cfg, console, "after")
             # 4. Finish: merged checkpoint, closing evaluation, record and model card, published atomically.

@@ -20,7 +20,6 @@ so a resumed bake ends with the same adapter as one that was never stopped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .config import DistillConfig, flag
+from .data import sha256_text
 from .errors import InputError, Interrupted, Terminated, WriteError, describe, note
 
 SAVE_SECONDS = 600  # a checkpoint at least every 10 minutes, whatever --save-every says
@@ -77,9 +77,9 @@ def run_settings(cfg: DistillConfig, *, system: str, prompts: list, template: st
     for role, fingerprint in (fingerprints or {}).items():
         settings.update({f"{role}_{part}": digest for part, digest in (fingerprint or {}).items()})
     settings.update(
-        system_prompt_sha256=_sha256(system),
-        prompts_sha256=_sha256(json.dumps(prompts, sort_keys=True)),
-        chat_template_sha256=_sha256(template) if template is not None else None,
+        system_prompt_sha256=sha256_text(system),
+        prompts_sha256=sha256_text(json.dumps(prompts, sort_keys=True)),
+        chat_template_sha256=sha256_text(template) if template is not None else None,
         resolved_quant=quant,
         dtype=str(dtype).removeprefix("torch."),
     )
@@ -335,7 +335,3 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

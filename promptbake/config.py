@@ -118,6 +118,9 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
     lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights (constant, no warm-up).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold for student rollouts (1 = off).")
     holdout: float = _opt(0.1, "Fraction of the prompt set kept apart for before/after evaluation.")
+    heldout_prompts: int = _opt(
+        32, "Held-out prompts the before/after KL is measured on, spread over the held-out split (0 = all of them)."
+    )
 
     # LoRA and precision.
     lora_rank: int = _opt(16, "LoRA rank r.")
@@ -174,6 +177,8 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
             raise InputError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         if not (0 < self.holdout < 1):
             raise InputError(f"--holdout must be a fraction between 0 and 1 (got {self.holdout}).")
+        if self.heldout_prompts < 0:
+            raise InputError(f"--heldout-prompts must be 0 (all) or a positive number (got {self.heldout_prompts}).")
         if self.max_prompts < 0:
             raise InputError(f"--max-prompts must be 0 (all) or a positive number (got {self.max_prompts}).")
         if self.kl_topk < 0:

@@ -425,3 +425,10 @@ def split_holdout(prompts: list[Messages], fraction: float, seed: int, minimum: 
 def sha256_text(text: str) -> str:
     """The SHA-256 of a text's UTF-8 bytes: how promptbake names a system prompt without storing it."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def spread(prompts: list, n: int) -> list:
+    """At most n items, evenly spaced through the list (sets are grouped by kind, so not just the first n)."""
+    if len(prompts) <= n:
+        return list(prompts)
+    return [prompts[i * len(prompts) // n] for i in range(n)]

@@ -73,6 +73,11 @@ def describe(err: BaseException) -> str:
     wrapped = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))  # safetensors' wrapping of an OSError
     if wrapped:
         return wrapped.group(1)
+    return first_line(err)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 

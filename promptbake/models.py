@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import InputError, ModelLoadError, TokenizerMismatchError
+from .errors import InputError, ModelLoadError, TokenizerMismatchError, first_line
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -129,7 +129,7 @@ def load_config(src: ModelSource, *, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
     except Exception as err:
         _reraise_unless_a_file_problem(err)
-        raise ModelLoadError(f"can't read the config of {src.spec}: {_first_line(err)}") from None
+        raise ModelLoadError(f"can't read the config of {src.spec}: {first_line(err)}") from None
 
 
 def context_length(config) -> int | None:
@@ -161,7 +161,7 @@ def resolve_quant(quant: str, device) -> str:
             import bitsandbytes  # noqa: F401
         except Exception as err:  # ImportError, or a broken native library
             raise InputError(
-                f"--quant {quant} needs bitsandbytes, which can't be loaded here ({_first_line(err)}); "
+                f"--quant {quant} needs bitsandbytes, which can't be loaded here ({first_line(err)}); "
                 "install it (pip install bitsandbytes) or use --quant none."
             ) from None
     return quant
@@ -263,7 +263,7 @@ def _weights_error(err: Exception, src: ModelSource, *, use_safetensors: bool) -
     _reraise_unless_a_file_problem(err)
     if type(err).__name__ == "SafetensorError" or "deserializing header" in str(err):
         return ModelLoadError(
-            f"model {src.spec}: a safetensors weights file is damaged or incomplete ({_first_line(err)}); "
+            f"model {src.spec}: a safetensors weights file is damaged or incomplete ({first_line(err)}); "
             "download or copy the model again."
         )
     if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
@@ -274,7 +274,7 @@ def _weights_error(err: Exception, src: ModelSource, *, use_safetensors: bool) -
     if use_safetensors and "safetensors" in str(err):
         return ModelLoadError(f"model {src.spec} has no safetensors weights, and loading pickle weights can run "
                               "code: pass --allow-pickle if you trust where it came from.")
-    return ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}")
+    return ModelLoadError(f"can't load model {src.spec}: {first_line(err)}")
 
 
 def _reraise_unless_a_file_problem(err: Exception) -> None:
@@ -283,11 +283,6 @@ def _reraise_unless_a_file_problem(err: Exception) -> None:
 
     if is_out_of_memory(err) or isinstance(err, PromptbakeError):
         raise err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _one_line(err: BaseException, limit: int = 400) -> str:

@@ -21,7 +21,7 @@ from .checkpoint import WorkFolder, run_settings
 from .checks import Check, checks_for
 from .config import DistillConfig
 from .data import BUNDLED_SETS, Messages, PromptSet, load_prompt_set, read_system_prompt, read_text_file, split_holdout
-from .errors import ContextTooLongError, InputError, note
+from .errors import ContextTooLongError, InputError, first_line, note
 from .lock import lock_output
 from .models import (ModelSource, check_tokenizers_match, context_length, load_config, load_model, load_tokenizer,
                      model_fingerprint, pick_device_and_dtype, resolve_model, resolve_quant)
@@ -167,7 +167,7 @@ def add_lora(base, cfg: DistillConfig):
     try:
         return get_peft_model(base, lora)
     except ValueError as err:
-        raise InputError(f"--lora-targets {cfg.lora_targets}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"--lora-targets {cfg.lora_targets}: {first_line(err)}") from None
 
 
 def build_pair(student, renderer, cfg: DistillConfig, *, vocab: int, quant: str, teacher=None):

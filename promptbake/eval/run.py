@@ -15,9 +15,9 @@ from rich.console import Console
 
 from ..checks import Check, checks_for
 from ..config import DistillConfig, EvalConfig
-from ..data import Messages, load_prompts, read_system_prompt, sha256_text
+from ..data import Messages, load_prompts, read_system_prompt, sha256_text, spread
 from ..errors import note
-from .measure import fit_prompts, measure, spread
+from .measure import fit_prompts, measure
 from .report import EvalReport, apply_gates, print_report, write_report
 from .systems import load_compared
 

@@ -16,12 +16,12 @@ from promptbake.errors import InputError
 
 @pytest.fixture(autouse=True)
 def no_hang():
-    """A read that blocks (a FIFO with no writer) fails the test after 10 s instead of hanging the suite."""
+    """A read that blocks (a FIFO with no writer) fails the test after 120 s instead of hanging the suite."""
     def hung(signum, frame):
         raise AssertionError("reading blocked")
 
     previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(10)
+    signal.alarm(120)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)

@@ -51,11 +51,10 @@ def test_a_second_bake_on_the_same_output_stops_at_once_naming_the_other(tmp_pat
     proc = holder(out)
     try:
         started = json.loads(lock_path(out).read_text())["started"]
-        t0 = time.monotonic()
+        # A lock that waited would wait for the holder's 120 s and then succeed: this raising shows it doesn't.
         with pytest.raises(OutputLockedError) as err:
             with lock_output(out):
                 pass
-        assert time.monotonic() - t0 < 1  # no waiting
         assert str(err.value) == (f"--out {out} is being baked by process {proc.pid}, started {started} (lock "
                                   f"{lock_path(out)}); wait for it to finish, or choose another --out.")
         assert lock_path(out).exists()  # the holder's lock is left alone

@@ -155,5 +155,6 @@ def check_one_bake(tiny_model, prompt_set, system, options, flags, relation):
             assert last.startswith("error: "), result.output
             if relation.startswith("fresh"):
                 assert not out.exists()
-        leftovers = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] if out.parent.is_dir() else []
+        beside = list(out.parent.iterdir()) if out.parent.is_dir() else []
+        leftovers = [p for p in beside if p.name.startswith(f".{out.name}.")]
         assert leftovers == []  # no staging folder, no lock file

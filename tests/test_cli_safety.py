@@ -395,3 +395,19 @@ def test_eval_and_chat_refuse_another_base_or_prompt_unless_forced(scratch, bake
     forced = run([*head, "--model", other_model, "--prompt", other_prompt, *common, "--force"])
     assert forced.exit_code in (0, 4), forced.output
     assert "note: comparing anyway (--force)" in " ".join(forced.output.split())
+
+
+def test_eval_refuses_a_baked_model_whose_tokenizer_differs(scratch, baked):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(baked)
+    tok.add_tokens(["<not-in-the-base>"])
+    tok.save_pretrained(baked)
+    result = run(["eval", "--baked", baked, "--model", scratch["model"], "--prompt", scratch["system"],
+                  "--max-prompts", "2", "--max-new-tokens", "4"])
+    assert result.exit_code == 2
+    size = len(tok)
+    assert last_line(result) == (
+        f"error: the tokenizer of --baked {baked} differs from that of --model {scratch['model']} ({size} tokens vs "
+        f"{size - 1}), so their answers can't be scored against each other. Pass the --model the bake was made "
+        "from, or --force to compare them anyway.")

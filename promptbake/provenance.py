@@ -77,11 +77,11 @@ def _model_problem(record: dict, model: str, fingerprint: dict | None) -> str | 
         parts = [PARTS.get(k, (k, False)) for k in shared if old[k] != fingerprint[k]]
         if shared and not parts:
             return None
-        if not shared:
-            return f"--model {model} is not the bake's base {recorded}"
-        verb = "differs" if len(parts) == 1 and not parts[0][1] else "differ"
-        names = " and ".join(name for name, _ in parts)
-        return f"--model {model} is not the bake's base {recorded} (its {names} {verb})"
+        if parts and _same_place(recorded, model, record.get("base_model_path")):
+            verb = "differs" if len(parts) == 1 and not parts[0][1] else "differ"
+            names = " and ".join(name for name, _ in parts)
+            return f"--model {model} changed since the bake: its {names} {verb}"
+        return f"--model {model} is not the bake's base {recorded}"
     if _same_place(recorded, model, record.get("base_model_path")):
         return None
     return f"--model {model} is not the bake's base {recorded}"

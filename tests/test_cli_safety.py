@@ -389,7 +389,7 @@ def test_eval_and_chat_refuse_another_base_or_prompt_unless_forced(scratch, bake
     line = last_line(result)
     what = "baked folder" if command == "chat" else "--baked"
     assert line.startswith(f"error: {what} {baked} doesn't match: --model {other_model} is not the bake's base "
-                           f"{scratch['model']} (its config differs); --prompt is not the prompt baked in")
+                           f"{scratch['model']}; --prompt is not the prompt baked in")
     assert line.endswith("Pass the --model and --prompt the bake was made from, or --force to compare them anyway.")
 
     forced = run([*head, "--model", other_model, "--prompt", other_prompt, *common, "--force"])

@@ -68,7 +68,7 @@ def test_the_fingerprint_tells_a_changed_model_at_the_same_path(tmp_path, tiny_m
     check_bake_inputs(tmp_path / "baked", model=str(copy), system=PROMPT,
                       fingerprint=model_fingerprint(resolve_model(str(copy))))
     (model / "chat_template.jinja").write_text("{{ messages }}")
-    expected = rf"--model {model} is not the bake's base {model} \(its chat template differs\)"
+    expected = rf"--model {model} changed since the bake: its chat template differs\. Pass"
     with pytest.raises(InputError, match=expected):
         check_bake_inputs(tmp_path / "baked", model=str(model), system=PROMPT, fingerprint=model_fingerprint(src))
 

@@ -160,6 +160,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
         with _no_init_weights():
             plain = type(loaded)(clean)
         plain.load_state_dict(loaded.state_dict())
+        plain.tie_weights()  # tied embeddings (Gemma, SmolLM2) are then saved once, as from_pretrained expects
         plain.generation_config = loaded.generation_config
         del loaded
         plain.save_pretrained(folder, safe_serialization=True)

@@ -55,10 +55,10 @@ def _new_process(monkeypatch) -> None:
     monkeypatch.setattr(gguf_cache, "_verified", set())
 
 
-def _tiny(seed: int = 0):
+def _tiny(seed: int = 0, **overrides):
     tok = build_tokenizer()
     model = build_model(len(tok), seed=seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                        bos_token_id=None)
+                        bos_token_id=None, **overrides)
     return tok, model.eval()
 
 
@@ -147,6 +147,20 @@ def test_a_truncated_file_is_noticed_within_the_same_process(tmp_path, cache, co
         f.truncate(1000)
     load_model(resolve_model(str(path)), quant="none", device=torch.device("cpu"), dtype=torch.float32)
     assert conversions == [path, path]
+
+
+def test_tied_embeddings_are_stored_once_and_stay_tied(tmp_path, cache):
+    from safetensors import safe_open
+
+    ref_tok, ref = _tiny(tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "tied.gguf", ref_tok, ref)
+    _, config, model = _load_all(path)
+    assert config.tie_word_embeddings
+    with safe_open(str(_entry(cache) / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(_logits(model, ref.config.vocab_size), _logits(ref, ref.config.vocab_size),
+                               atol=1e-5, rtol=0)
 
 
 def test_a_changed_gguf_gets_a_new_entry(tmp_path, cache, conversions, monkeypatch):

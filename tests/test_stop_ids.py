@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from promptbake.render import Renderer, stop_token_ids
+from promptbake.render import stop_token_ids
 
 from tiny import CHATML, NO_SYSTEM, build_model, build_tokenizer
 
@@ -90,24 +90,6 @@ def test_the_generation_config_adds_its_eos_ids_once_each():
 def test_no_chat_template_leaves_only_eos():
     tok = build_tokenizer(None)
     assert stop_token_ids(tok) == [tok.eos_token_id]
-
-
-def test_the_shipped_gemma_template_renders_gemmas_format():
-    tok = _tokenizer(GEMMA, ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>"], eos="<eos>", bos="<bos>")
-    renderer = Renderer(tok, "Talk like a pirate.")
-    user = [{"role": "user", "content": "Why is the sky blue?"}]
-    assert renderer._render(user) == "<bos><start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n"
-    # No system role in Gemma: the system text opens the first user turn, as Google's template does.
-    assert renderer._render(renderer.teacher_messages(user)) == (
-        "<bos><start_of_turn>user\nTalk like a pirate.\n\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n"
-    )
-    turns = [*user, {"role": "assistant", "content": "Light scatters."}, {"role": "user", "content": "More?"}]
-    assert tok.apply_chat_template(turns, tokenize=False) == (
-        "<bos><start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\nLight scatters."
-        "<end_of_turn>\n<start_of_turn>user\nMore?<end_of_turn>\n"
-    )
-    prefix = renderer.system_prefix()
-    assert tok.decode(prefix) == "<bos><start_of_turn>user\nTalk like a pirate.\n\n"
 
 
 def test_save_merged_writes_the_stop_ids_into_generation_config(tmp_path):

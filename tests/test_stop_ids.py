@@ -109,3 +109,36 @@ def test_save_merged_writes_the_stop_ids_into_generation_config(tmp_path):
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == stops
     assert GenerationConfig.from_pretrained(out).eos_token_id == stops
 
+
+
+def test_rollouts_stop_at_the_templates_end_of_turn_and_keep_it(tmp_path):
+    """A Qwen-style tokenizer (EOS <|endoftext|>, ChatML turns ending in <|im_end|>): the bake's rollouts stop at
+    <|im_end|>, which only the template says ends a turn, and the cut response keeps it.
+
+    The model is made to emit <|im_end|> at a known step by swapping two rows of its output layer: where greedy
+    decoding picked token t, it now picks <|im_end|>, and every earlier step is unchanged.
+    """
+    import tiny
+    from conftest import PIRATE
+    from promptbake.render import Renderer
+    from promptbake.sampling import sample_with_generate
+
+    tok = _tokenizer(CHATML, [], eos="<|endoftext|>")
+    im_end, eos = _id(tok, "<|im_end|>"), tok.eos_token_id
+    model = build_model(len(tok), eos_token_id=eos, pad_token_id=tok.pad_token_id, bos_token_id=None).eval()
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    ids = [Renderer(tok, PIRATE).student_ids(messages)]
+    free = sample_with_generate(model, ids, generator=torch.Generator().manual_seed(0), max_new_tokens=8,
+                                temperature=0.0, top_p=1.0, eos_ids=[-1], pad_id=tok.pad_token_id)[0]
+    j = next(j for j in range(1, len(free)) if free[j] not in free[:j] + [im_end, eos] and im_end not in free[:j])
+    with torch.no_grad():
+        head = model.lm_head.weight
+        head[[free[j], im_end]] = head[[im_end, free[j]]].clone()
+    folder = tmp_path / "qwen-style"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    pair = tiny.load_pair(folder, PIRATE, lora_init_std=0.0, temperature=0.0, max_new_tokens=8)
+    assert pair.sampling.eos_ids == [eos, im_end]
+    (response,) = pair.rollout([messages], torch.Generator().manual_seed(0)).responses
+    assert response == free[:j] + [im_end]

@@ -91,6 +91,7 @@ def _build(gguf: Path, key: str, entry: Path) -> None:
         entry.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise _unwritable(gguf, entry.parent, err) from None
+    _sweep(entry.parent)
     tmp = entry.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
@@ -101,13 +102,34 @@ def _build(gguf: Path, key: str, entry: Path) -> None:
         except OSError:
             if not _entry_ok(entry, key):  # not a concurrent conversion that finished first
                 raise
-    except (OSError, ValueError, RuntimeError) as err:
-        if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+    except Exception as err:  # whatever the GGUF reader or transformers raise for this file (Ctrl-C passes)
+        if _is_write_error(err):
             raise _unwritable(gguf, entry.parent, err) from None
-        raise ModelLoadError(f"can't convert model {gguf}: {describe(err)}") from None
+        raise ModelLoadError(
+            f"can't convert model {gguf}: {describe(err)}; check that it is a complete .gguf file of an "
+            "architecture transformers can load from GGUF, or pass a Hugging Face model folder instead."
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _verified.add(_signature(entry))
+
+
+def _is_write_error(err: BaseException) -> bool:
+    """The cache folder's fault (full, read-only, not a folder), not the file's; safetensors wraps OSErrors."""
+    if isinstance(err, OSError):
+        return err.errno in _WRITE_ERRNOS
+    return type(err).__name__ == "SafetensorError" and "I/O error" in str(err)
+
+
+def _sweep(folder: Path) -> None:
+    """Delete temporary and discarded folders a killed process left here more than a day ago (a
+    conversion still running elsewhere is younger than that)."""
+    import time
+
+    for p in folder.iterdir():
+        with contextlib.suppress(OSError):  # another process may be removing it too
+            if p.name.startswith((".tmp-", ".trash-")) and time.time() - p.stat().st_mtime > 86400:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _unwritable(gguf: Path, folder: Path, err: OSError) -> ModelLoadError:

@@ -208,7 +208,26 @@ def test_a_file_that_is_not_gguf_is_one_clear_error(tmp_path, cache):
     with pytest.raises(ModelLoadError) as err:
         load_tokenizer(resolve_model(str(path)))
     assert str(err.value).startswith(f"can't convert model {path}: ")
+    assert str(err.value).endswith("check that it is a complete .gguf file of an architecture transformers can "
+                                   "load from GGUF, or pass a Hugging Face model folder instead.")
     assert not [p for p in (cache / "gguf").iterdir()]  # nothing half-written left behind
+
+
+def test_folders_left_by_killed_conversions_are_swept(tmp_path, cache):
+    import os
+    import time
+
+    tok, ref = _tiny()
+    path = write_gguf(tmp_path / "tiny.gguf", tok, ref)
+    old, recent = cache / "gguf" / ".tmp-abc-killed", cache / "gguf" / ".tmp-def-running"
+    for folder in (old, recent):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"partial")
+    day_ago = time.time() - 2 * 86400
+    os.utime(old, (day_ago, day_ago))
+    load_config(resolve_model(str(path)))
+    assert not old.exists()
+    assert recent.exists()  # it may be a conversion still running in another process
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):

@@ -47,7 +47,8 @@ def finish(cfg: DistillConfig, inputs: Inputs, run: Run, before: HeldoutKL, afte
     try:
         run.student.save_pretrained(staging / "adapter")
         merge.save_merged(run.student, staging / "adapter", staging, src=inputs.src, quantised=run.quant != "none",
-                          dtype=run.dtype, trust_remote_code=cfg.trust_remote_code)
+                          dtype=run.dtype, trust_remote_code=cfg.trust_remote_code,
+                          stop_ids=run.pair.sampling.eos_ids)  # the baked model stops where its rollouts did
         run.tok.save_pretrained(staging)
         shutil.copyfile(run.work.path / "metrics.jsonl", staging / "metrics.jsonl")
         evaluation = evaluate_bake(cfg, staging, run.heldout, inputs.checks, console) if cfg.eval else None

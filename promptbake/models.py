@@ -1,16 +1,16 @@
 """Finding and loading models and tokenizers: hub ids, local folders and .gguf files.
 
 `resolve_model` is cheap (no torch) so bad paths and unreachable hub ids fail in
-about a second; the `load_*` functions import transformers when called.
+about a second; the `load_*` functions import transformers when called. A .gguf file
+is converted once into promptbake's cache (see gguf_cache.py) and read from there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -100,9 +100,21 @@ def hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -
         ) from None
 
 
+def loadable(src: ModelSource) -> ModelSource:
+    """`src` in the form the loaders read: a .gguf file becomes its converted folder in promptbake's
+    cache (converted on first use); `spec` still names the user's file, for messages."""
+    if not src.gguf_file:
+        return src
+    from .gguf_cache import cached_folder
+
+    folder = cached_folder(Path(src.path) / src.gguf_file)
+    return replace(src, path=str(folder), gguf_file=None, local_files_only=True)
+
+
 def load_tokenizer(src: ModelSource, *, chat_template: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    src = loadable(src)
     folder = Path(src.path)
     if not src.gguf_file and folder.is_dir() and not any(_is_tokenizer_file(p.name) for p in folder.iterdir()):
         raise ModelLoadError(f"{src.spec} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): copy "
@@ -125,6 +137,7 @@ def load_tokenizer(src: ModelSource, *, chat_template: str | None = None, trust_
 def load_config(src: ModelSource, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    src = loadable(src)
     try:
         return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
     except Exception as err:
@@ -172,8 +185,9 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    src = loadable(src)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, **src.kwargs}
-    if not src.gguf_file and not src.allow_pickle:
+    if not src.allow_pickle:
         kwargs["use_safetensors"] = True  # a hub repo with only pytorch_model.bin fails here instead of unpickling
     if quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -184,8 +198,7 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
-        with _no_gguf_progress_bar():
-            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except Exception as err:
         raise _weights_error(err, src, use_safetensors=kwargs.get("use_safetensors", False)) from None
     if quant == "none":
@@ -212,19 +225,6 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-@contextlib.contextmanager
-def _no_gguf_progress_bar():
-    """transformers' GGUF loader draws a tqdm bar that ignores its progress-bar setting; hide it."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    bar = getattr(gguf_utils, "tqdm", None)
-    gguf_utils.tqdm = lambda iterable, **_: iterable
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = bar
 
 
 def check_tokenizers_match(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int) -> int:

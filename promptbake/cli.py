@@ -256,6 +256,22 @@ def _one_message(message: str | None) -> str:
     return text.strip()
 
 
+@app.command("export")
+def export_command(
+    baked: Annotated[Path, typer.Argument(help="The baked checkpoint folder (the --out of promptbake distill).")],
+    format: Annotated[str, typer.Option("--format", help="Output format; gguf is the one there is.")] = "gguf",
+    outtype: Annotated[str, typer.Option(
+        "--outtype", help="Weight type in the file: f32, f16, bf16 or q8_0 (norms and biases stay f32).")] = "f16",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="The .gguf file to write. Default: BAKED/model-OUTTYPE.gguf.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file if it exists.")] = False,
+):
+    """Write the bake as one GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile beside it."""
+    from .export import export_gguf
+
+    _run(export_gguf, baked, out, outtype=outtype, overwrite=overwrite, console=err_console, format=format)
+
+
 @app.callback()
 def main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,

@@ -45,6 +45,7 @@ KEEP = 2  # checkpoints kept: if the newest is unreadable, the one before it sti
 # --steps. The files behind --prompt, --prompts and --chat-template are compared by content.
 _MAY_DIFFER = {"out", "overwrite", "resume", "save_every", "record_prompt", "allow_pickle", "trust_remote_code",
                "eval", "checks", "min_gap_closed", "min_pass_rate",  # evaluation after training only
+               "export", "export_outtype",  # written after training only
                "steps", "chunk_size", "prompt", "prompts", "chat_template"}
 _NAMES = {
     "system_prompt_sha256": "the system prompt (--prompt file contents)",

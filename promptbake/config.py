@@ -20,6 +20,8 @@ from .errors import InputError
 
 QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
 ROLLOUT_CHOICES = ("fast", "exact", "generate")
+EXPORT_CHOICES = ("none", "gguf")
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, argument: bool = False):
@@ -157,6 +159,14 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
     checks: Path | None = _opt(
         None, "Checks file (TOML) for that evaluation. Default: NAME.checks.toml beside --prompt, if there is one."
     )
+
+    # Deployment: written into --out with the checkpoint, so it is published with it or not at all.
+    export: str = _opt(
+        "none", "Also write the bake as one GGUF file (llama.cpp, Ollama) with an Ollama Modelfile, in --out. "
+        "The same as `promptbake export OUT` afterwards.", choices=EXPORT_CHOICES,
+    )
+    export_outtype: str = _opt("f16", "Weight type of that GGUF file (norms and biases stay f32).",
+                               choices=GGUF_OUTTYPES)
 
     def validate(self) -> None:
         """Check values that need no file or model; raise InputError naming the option."""

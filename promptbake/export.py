@@ -29,7 +29,7 @@ from rich.console import Console
 
 from .errors import InputError, OutputExistsError, WriteError, describe
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+from .config import GGUF_OUTTYPES as OUTTYPES
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,12 @@ FORMATS = ("gguf",)
 
 
 def export_gguf(baked_dir: Path, out_file: Path | None = None, outtype: str = "f16", overwrite: bool = False,
-                console: Console | None = None, format: str = "gguf") -> Path:
+                console: Console | None = None, format: str = "gguf", name: str | None = None) -> Path:
     """Write `baked_dir` (a promptbake output folder) as one .gguf, plus an Ollama Modelfile beside it.
 
     `out_file` defaults to `baked_dir/model-OUTTYPE.gguf`; the Modelfile is `out_file` with the suffix
-    `.Modelfile`. Returns the path of the .gguf.
+    `.Modelfile`. `name` (default: the folder's name) becomes general.name unless a source .gguf's
+    metadata is carried over. Returns the path of the .gguf.
     """
     console = console or Console(stderr=True)
     if format not in FORMATS:
@@ -96,11 +97,8 @@ def export_gguf(baked_dir: Path, out_file: Path | None = None, outtype: str = "f
 
     quiet_libraries()
     config, tok = _load_checkpoint(baked_dir)
-    model_type = config.model_type
-    if model_type not in ARCHITECTURES:
-        raise InputError(f"can't export a {model_type} model to GGUF; the architectures it can export are "
-                         f"{', '.join(sorted(ARCHITECTURES))}.")
-    arch = ARCHITECTURES[model_type]
+    check_exportable(config.model_type)
+    arch = ARCHITECTURES[config.model_type]
     source = _source_gguf(record, baked_dir, console)
 
     import gguf
@@ -117,7 +115,7 @@ def export_gguf(baked_dir: Path, out_file: Path | None = None, outtype: str = "f
             if "tokenizer.chat_template" not in gguf.GGUFReader(source).fields and tok.chat_template:
                 writer.add_chat_template(tok.chat_template)  # the template the bake used (--chat-template)
         else:
-            writer.add_name(baked_dir.resolve().name)
+            writer.add_name(name or baked_dir.resolve().name)
             _add_hparams(writer, config, arch)
             _add_tokenizer(writer, tok, config)
         writer.add_file_type(_FILE_TYPES[outtype])
@@ -131,6 +129,7 @@ def export_gguf(baked_dir: Path, out_file: Path | None = None, outtype: str = "f
         _apply_umask(tmp_gguf, tmp_modelfile)
         os.replace(tmp_gguf, out_file)
         os.replace(tmp_modelfile, modelfile)
+        _add_to_record_files(baked_dir, record, out_file, modelfile)
     except OSError as err:
         raise WriteError(f"can't write {out_file} ({describe(err)}); nothing was left there.") from None
     finally:
@@ -140,6 +139,13 @@ def export_gguf(baked_dir: Path, out_file: Path | None = None, outtype: str = "f
     console.print(f"wrote {out_file} ({arch.gguf}, {outtype}, {n} tensors, {size_mb:.1f} MB) and {modelfile}",
                   markup=False, highlight=False, soft_wrap=True)
     return out_file
+
+
+def check_exportable(model_type: str) -> None:
+    """Raise InputError for an architecture the GGUF export doesn't know."""
+    if model_type not in ARCHITECTURES:
+        raise InputError(f"can't export a {model_type} model to GGUF; the architectures it can export are "
+                         f"{', '.join(sorted(ARCHITECTURES))}.")
 
 
 # --- reading the bake ---------------------------------------------------------------------------
@@ -453,6 +459,19 @@ def _modelfile(tok, gguf_name: str, console: Console) -> str:
                           "stored in the GGUF", markup=False, highlight=False, soft_wrap=True)
     stops = [t for t in dict.fromkeys([end_of_turn(tok), tok.eos_token]) if t]
     return modelfile_text(gguf_name, template, stops)
+
+
+def _add_to_record_files(baked_dir: Path, record: dict, *written: Path) -> None:
+    """List files written into the bake's own folder in promptbake.json's "files", the names a later
+    `distill --overwrite` may replace; without them there it would refuse to touch the folder."""
+    files = record.get("files")
+    if not isinstance(files, list) or any(p.resolve().parent != baked_dir.resolve() for p in written):
+        return
+    record["files"] = sorted({*files, *(p.name for p in written)})
+    tmp = _temp_name(baked_dir / "promptbake.json")
+    Path(tmp).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    _apply_umask(tmp)
+    os.replace(tmp, baked_dir / "promptbake.json")
 
 
 def _temp_name(path: Path) -> str:

@@ -64,6 +64,11 @@ def finish(cfg: DistillConfig, inputs: Inputs, run: Run, before: HeldoutKL, afte
         record["files"] = output_files(staging)  # what a later --overwrite may replace: nothing else
         write_json(staging / "promptbake.json", record)
         write_model_card(staging, record)
+        if cfg.export == "gguf":  # inside staging: published with the checkpoint, or not at all
+            from .export import export_gguf
+
+            export_gguf(staging, staging / f"model-{cfg.export_outtype}.gguf", outtype=cfg.export_outtype,
+                        console=console, name=Path(cfg.out).name)
         publish(staging, cfg.out, cfg.overwrite, kept=kept)
     except Exception as err:
         if not is_write_error(err):

@@ -114,6 +114,10 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
                       "at the start of the first user turn.")
     config = load_config(inputs.src, trust_remote_code=trust)
     # Options the config alone can refute, before a minute of loading weights.
+    if cfg.export == "gguf":
+        from .export import check_exportable
+
+        check_exportable(config.model_type)
     vocab = config.get_text_config().vocab_size
     check_kl_topk(cfg.kl_topk, vocab)
     if cfg.lora_targets != "all-linear":

@@ -358,11 +358,15 @@ def assert_clean_error(result, message, folder: Path, code=2):
 def test_cli_export_default_path(bakes, tmp_path):
     bake = tmp_path / "bake"
     shutil.copytree(bakes["qwen2"], bake)
+    record = json.loads((bake / "promptbake.json").read_text())
+    (bake / "promptbake.json").write_text(json.dumps({**record, "files": ["config.json", "model.safetensors"]}))
     r = runner.invoke(app, ["export", str(bake), "--format", "gguf", "--outtype", "q8_0"])
     assert r.exit_code == 0, r.output
     assert f"wrote {bake / 'model-q8_0.gguf'} (qwen2, q8_0" in r.stderr.replace("\n", "")
     assert (bake / "model-q8_0.gguf").is_file() and (bake / "model-q8_0.Modelfile").is_file()
     assert not list(bake.glob(".*partial*"))
+    assert json.loads((bake / "promptbake.json").read_text())["files"] == [
+        "config.json", "model-q8_0.Modelfile", "model-q8_0.gguf", "model.safetensors"]
 
 
 def test_existing_output_needs_overwrite(bakes, tmp_path):
@@ -458,3 +462,47 @@ def test_an_architecture_it_cannot_export(tmp_path):
 def test_library_error_types(bakes, tmp_path):
     with pytest.raises(InputError, match="--outtype"):
         export_gguf(bakes["llama"], tmp_path / "m.gguf", outtype="int4")
+
+
+# --- distill --export gguf ------------------------------------------------------------------------
+
+def test_distill_export_writes_the_gguf_inside_the_output(tiny_dir, prompt_files, tmp_path):
+    system, prompts = prompt_files
+    out = tmp_path / "baked"
+    r = runner.invoke(app, ["distill", "--model", str(tiny_dir), "--prompt", str(system), "--prompts", str(prompts),
+                            "--out", str(out), "--steps", "1", "--batch-size", "2", "--max-new-tokens", "6",
+                            "--no-eval", "--export", "gguf", "--export-outtype", "f32"])
+    assert r.exit_code == 0, r.output
+    path = out / "model-f32.gguf"
+    assert path.is_file() and (out / "model-f32.Modelfile").is_file()
+    assert not list(tmp_path.glob(".*partial*"))
+    fields = gguf.GGUFReader(path).fields
+    assert fields["general.name"].contents() == "baked"  # the --out name, not the hidden staging folder's
+    record = json.loads((out / "promptbake.json").read_text())
+    assert record["settings"]["export"] == "gguf"
+    # listed as the bake's own files, so a later `distill --overwrite` may replace them
+    assert {"model-f32.gguf", "model-f32.Modelfile", "model.safetensors"} <= set(record["files"])
+    solo = tmp_path / "solo"
+    solo.mkdir()
+    shutil.copy(path, solo / path.name)
+    ref, got = _load(out), _load(solo, path.name)
+    ids = torch.tensor([tiny.build_tokenizer()("Why is the sky blue?")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_distill_export_refuses_an_unknown_architecture_before_training(prompt_files, tmp_path):
+    import transformers as tf
+
+    tok = tiny.build_tokenizer()
+    model_dir = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,
+                                     eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    system, prompts = prompt_files
+    out = tmp_path / "baked"
+    r = runner.invoke(app, ["distill", "--model", str(model_dir), "--prompt", str(system), "--prompts", str(prompts),
+                            "--out", str(out), "--steps", "1", "--export", "gguf"])
+    assert_clean_error(r, "error: can't export a gpt2 model to GGUF; the architectures it can export are", tmp_path)
+    assert "loading" not in r.stderr  # refused before the weights load
+    assert not out.exists()

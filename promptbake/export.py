@@ -138,6 +138,9 @@ def export_gguf(baked_dir: Path, out_file: Path | None = None, outtype: str = "f
     size_mb = out_file.stat().st_size / 2**20
     console.print(f"wrote {out_file} ({arch.gguf}, {outtype}, {n} tensors, {size_mb:.1f} MB) and {modelfile}",
                   markup=False, highlight=False, soft_wrap=True)
+    if isinstance(record.get("system_prompt_tokens"), int):
+        console.print(f"serve it without the system prompt: each request is {record['system_prompt_tokens']} "
+                      "prompt tokens shorter", markup=False, highlight=False, soft_wrap=True)
     return out_file
 
 

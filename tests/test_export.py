@@ -87,7 +87,8 @@ def save_bake(folder: Path, kind: str = "llama", base_model: str = "tiny-model")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     record = {"promptbake_version": "0.1.0", "base_model": base_model, "teacher_model": base_model,
-              "system_prompt_sha256": "0" * 64, "architecture": type(model).__name__, "vocab_size": len(tok)}
+              "system_prompt_sha256": "0" * 64, "system_prompt_tokens": 17, "architecture": type(model).__name__,
+              "vocab_size": len(tok)}
     (folder / "promptbake.json").write_text(json.dumps(record), encoding="utf-8")
     return folder
 
@@ -363,6 +364,7 @@ def test_cli_export_default_path(bakes, tmp_path):
     r = runner.invoke(app, ["export", str(bake), "--format", "gguf", "--outtype", "q8_0"])
     assert r.exit_code == 0, r.output
     assert f"wrote {bake / 'model-q8_0.gguf'} (qwen2, q8_0" in r.stderr.replace("\n", "")
+    assert "each request is 17 prompt tokens shorter" in r.stderr.replace("\n", " ")
     assert (bake / "model-q8_0.gguf").is_file() and (bake / "model-q8_0.Modelfile").is_file()
     assert not list(bake.glob(".*partial*"))
     assert json.loads((bake / "promptbake.json").read_text())["files"] == [

@@ -451,9 +451,13 @@ def _modelfile(tok, gguf_name: str, console: Console) -> str:
     from .modelfile import TemplateTranslationError, modelfile_text, translate
 
     template = None
+    # llama.cpp and Ollama add BOS themselves when the tokenizer does (Gemma's); a template that
+    # writes it too would give two, so the Go template leaves out a leading BOS in that case.
+    bos = tok.bos_token if tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id] else None
     if tok.chat_template:
         def render(messages, add_generation_prompt):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return text.removeprefix(bos) if bos else text
 
         try:
             template = translate(render)

@@ -508,3 +508,23 @@ def test_distill_export_refuses_an_unknown_architecture_before_training(prompt_f
     assert_clean_error(r, "error: can't export a gpt2 model to GGUF; the architectures it can export are", tmp_path)
     assert "loading" not in r.stderr  # refused before the weights load
     assert not out.exists()
+
+
+def test_modelfile_leaves_bos_to_the_runtime_when_the_tokenizer_adds_it(bakes, tmp_path):
+    """llama.cpp and Ollama add BOS when the tokenizer does; a TEMPLATE writing it too would give two."""
+    from tokenizers import processors
+
+    bake = tmp_path / "bake"
+    shutil.copytree(bakes["llama"], bake)
+    tok = tiny.build_tokenizer("{{ bos_token }}" + tiny.CHATML)
+    tok.bos_token = "<|endoftext|>"
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.convert_tokens_to_ids("<|endoftext|>"))])
+    tok.save_pretrained(bake)
+    path = _export(bake, tmp_path, "f32")
+    template = path.with_suffix(".Modelfile").read_text().split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.add_bos_token"].contents() is True
+    for messages in CHECKS:
+        jinja = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert jinja.startswith("<|endoftext|><|im_start|>")
+        assert render_go(template, messages) == jinja.removeprefix("<|endoftext|>")

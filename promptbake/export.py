@@ -366,7 +366,7 @@ def end_of_turn(tok) -> str | None:
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # gguf.LlamaFileType
 
 
-def _gguf_name(hf: str, arch: _Arch, tied: bool) -> str | None:
+def gguf_name(hf: str, arch: _Arch, tied: bool) -> str | None:
     """llama.cpp's name for a checkpoint tensor; None for one it doesn't store."""
     fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": None if tied else "output.weight"}
@@ -401,7 +401,7 @@ def _add_tensors(writer, baked_dir: Path, config, arch: _Arch, outtype: str) -> 
     missing = sorted(expected - set(where))
     if missing:
         raise InputError(f"{baked_dir}: the checkpoint lacks {', '.join(missing)}; it is incomplete: bake again.")
-    names = {hf: _gguf_name(hf, arch, tied) for hf in where}
+    names = {hf: gguf_name(hf, arch, tied) for hf in where}
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     count = 0
     handles = {}

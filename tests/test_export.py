@@ -164,7 +164,7 @@ def test_export_reloads_with_the_checkpoint_logits(bakes, tmp_path, kind, outtyp
 
 def test_tensor_names_agree_with_gguf_py(bakes, tmp_path):
     """The hand-written mapping against gguf-py's own table of HF -> llama.cpp names."""
-    from promptbake.export import _gguf_name
+    from promptbake.export import gguf_name
 
     for kind, bake in bakes.items():
         model = _load(bake)
@@ -176,7 +176,7 @@ def test_tensor_names_agree_with_gguf_py(bakes, tmp_path):
             if hf == "lm_head.weight" and tied:
                 continue
             base, suffix = hf.rsplit(".", 1)
-            assert _gguf_name(hf, ARCHITECTURES[model.config.model_type], tied) == \
+            assert gguf_name(hf, ARCHITECTURES[model.config.model_type], tied) == \
                 f"{table.get_name(base)}.{suffix}", (kind, hf)
 
 

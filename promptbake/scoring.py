@@ -67,7 +67,8 @@ class PrefixCache:
     Holds only when every teacher input starts with exactly these prefix token ids,
     which `covers` checks row by row; otherwise the caller does full passes.
     `reason` says why the cache can't be used at all (None when it can), `why_not`
-    why it can't serve a given batch, and `length` how many tokens each row reuses.
+    why it can't serve a given batch, `miss` why the first batch `covers` refused was
+    refused (the notice a bake prints), and `length` how many tokens each row reuses.
 
     Sliding-window layers (Gemma 2/3, Mistral) are reused too, inside and beyond the
     window: the cache keeps every prefix key, and each batch's cache is seeded with all
@@ -82,12 +83,13 @@ class PrefixCache:
         self.prefix = prefix
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reason = None
+        self.miss: str | None = None
         if len(prefix) < 2:
             self.reason = (f"the teacher's renders of two different prompts share only {len(prefix)} leading "
-                           f"token{'' if len(prefix) == 1 else 's'}: no system-prompt prefix to reuse")
+                           f"token{'' if len(prefix) == 1 else 's'}, so there is no system-prompt prefix to reuse")
             return
         cache = DynamicCache(config=causal_lm.config)
-        self.reason = _cache_reason(cache)
+        self.reason = cache_reason(cache)
         if self.reason:
             return
         for layer in cache.layers:
@@ -123,7 +125,10 @@ class PrefixCache:
         return None
 
     def covers(self, teacher_prompts: list[list[int]]) -> bool:
-        return self.why_not(teacher_prompts) is None
+        why = self.why_not(teacher_prompts)
+        if why is not None and self.miss is None:
+            self.miss = why
+        return why is None
 
     def expand(self, batch: int, config):
         """A fresh cache holding the prefix for `batch` rows (no copy: `expand` views)."""
@@ -133,7 +138,7 @@ class PrefixCache:
         return DynamicCache(ddp_cache_data=data, config=config)
 
 
-def _cache_reason(cache) -> str | None:
+def cache_reason(cache) -> str | None:
     """Why a saved prefix can't seed this model's cache (None when every layer is a plain or sliding KV cache)."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 

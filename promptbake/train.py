@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 
 from .checkpoint import work_path
 from .config import DistillConfig
@@ -53,8 +54,8 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
                 progress.finished(step, row)  # metrics.jsonl; a checkpoint every --save-every steps and at the end
             log.step(row)
             if step == 1 and run.pair.prefix is not None and run.pair.prefix_misses:
-                console.print("[yellow]note:[/] the system prompt doesn't render as the same leading tokens "
-                              "for every prompt; the teacher runs full passes instead of reusing its prefix cache.")
+                console.print(f"[yellow]note:[/] the teacher runs full passes, without its system-prompt prefix "
+                              f"cache, because {escape(run.pair.prefix.miss)}.", highlight=False)
 
 
 def step_row(step: int, stats, grad_norm: float, seconds: dict[str, float], lr: float) -> dict:

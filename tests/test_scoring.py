@@ -113,8 +113,8 @@ def test_prefix_reuse_on_a_sliding_window_model_equals_the_full_pass(tmp_path_fa
         plain = response_hidden(lm, ro.teacher_ids, ro.responses, reuse.tok.pad_token_id)
     assert cached.shape == plain.shape == (ro.n_tokens, 64)
     assert (cached - plain).abs().max() < 1e-4
-    kl_reuse = reuse.reverse_kl(ro, train=False)
-    kl_full = full.reverse_kl(ro, train=False)
+    kl_reuse = reuse.reverse_kl(ro)
+    kl_full = full.reverse_kl(ro)
     assert reuse.prefix_misses == 0 and kl_full.abs().max() > 1e-3  # a KL worth comparing
     assert (kl_reuse - kl_full).abs().max() < 1e-4
 
@@ -134,8 +134,8 @@ def test_each_fall_back_names_its_cause(tiny_dir, tmp_path):
     with pair.teacher_weights() as lm:
         short = PrefixCache(lm, pair.prefix.prefix[:1])
     assert not short.usable and short.length == 0
-    assert short.reason == ("the teacher's renders of two different prompts share only 1 leading token: "
-                            "no system-prompt prefix to reuse")
+    assert short.reason == ("the teacher's renders of two different prompts share only 1 leading token, "
+                            "so there is no system-prompt prefix to reuse")
     assert short.why_not([pair.prefix.prefix + [5]]) == short.reason
 
     bare = pair.prefix.prefix
@@ -152,14 +152,37 @@ def test_each_fall_back_names_its_cause(tiny_dir, tmp_path):
                   {"role": "user", "content": "More?"}]
     ro = counting.rollout([*PROMPTS, multi_turn], torch.Generator().manual_seed(0))
     assert counting.prefix.why_not(ro.teacher_ids).startswith("prompt 4's teacher input doesn't start with")
+    counting.teacher_states(ro)
+    assert counting.prefix_misses == 1 and counting.prefix.miss == counting.prefix.why_not(ro.teacher_ids)
+
+
+# Renders the conversation last turn first: the teacher input starts with the user's text, not the system prompt.
+REVERSED = ("{% for m in messages|reverse %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_bake_prints_the_real_reason_reuse_is_off(tmp_path, prompt_files):
+    from typer.testing import CliRunner
+
+    from promptbake.cli import app
+
+    folder = tiny.save_tiny(tmp_path / "m", template=REVERSED)
+    system, prompts = prompt_files
+    result = CliRunner().invoke(app, ["distill", "--model", str(folder), "--prompt", str(system), "--prompts",
+                                      str(prompts), "--out", str(tmp_path / "out"), "--steps", "1", "--batch-size",
+                                      "2", "--max-new-tokens", "4", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert ("note: the teacher runs full passes, without its system-prompt prefix cache, because the teacher's "
+            "renders of two different prompts share only 0 leading tokens, so there is no system-prompt prefix "
+            "to reuse.") in " ".join(result.output.split())
 
 
 def test_caches_without_keys_and_values_are_refused_by_name():
     from transformers import AutoConfig, DynamicCache
 
-    from promptbake.scoring import _cache_reason
+    from promptbake.scoring import cache_reason
 
     hybrid = DynamicCache(config=AutoConfig.for_model("qwen3_next", num_hidden_layers=4))
-    assert _cache_reason(hybrid) == ("the model's cache has LinearAttentionLayer layers, "
+    assert cache_reason(hybrid) == ("the model's cache has LinearAttentionLayer layers, "
                                      "which promptbake can't seed with a prefix")
-    assert _cache_reason(DynamicCache(config=AutoConfig.for_model("gemma3_text", num_hidden_layers=6))) is None
+    assert cache_reason(DynamicCache(config=AutoConfig.for_model("gemma3_text", num_hidden_layers=6))) is None

@@ -89,7 +89,7 @@ class PrefixCache:
                            f"token{'' if len(prefix) == 1 else 's'}, so there is no system-prompt prefix to reuse")
             return
         cache = DynamicCache(config=causal_lm.config)
-        self.reason = cache_reason(cache)
+        self.reason = cache_reason(cache, causal_lm.config)
         if self.reason:
             return
         for layer in cache.layers:
@@ -138,10 +138,14 @@ class PrefixCache:
         return DynamicCache(ddp_cache_data=data, config=config)
 
 
-def cache_reason(cache) -> str | None:
+def cache_reason(cache, config) -> str | None:
     """Why a saved prefix can't seed this model's cache (None when every layer is a plain or sliding KV cache)."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+    text = config.get_text_config()
+    if getattr(text, "attention_chunk_size", None) or "chunked_attention" in (getattr(text, "layer_types", None) or ()):
+        # HF keeps chunked layers in sliding-window caches; continuing one from a saved prefix is untested here.
+        return "the model has chunked-attention layers, which promptbake doesn't continue from a saved prefix"
     for layer in cache.layers:
         if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
             return f"the model's cache has {type(layer).__name__} layers, which promptbake can't seed with a prefix"

@@ -182,7 +182,11 @@ def test_caches_without_keys_and_values_are_refused_by_name():
 
     from promptbake.scoring import cache_reason
 
-    hybrid = DynamicCache(config=AutoConfig.for_model("qwen3_next", num_hidden_layers=4))
-    assert cache_reason(hybrid) == ("the model's cache has LinearAttentionLayer layers, "
-                                     "which promptbake can't seed with a prefix")
-    assert cache_reason(DynamicCache(config=AutoConfig.for_model("gemma3_text", num_hidden_layers=6))) is None
+    hybrid = AutoConfig.for_model("qwen3_next", num_hidden_layers=4)
+    assert cache_reason(DynamicCache(config=hybrid), hybrid) == (
+        "the model's cache has LinearAttentionLayer layers, which promptbake can't seed with a prefix")
+    chunked = AutoConfig.for_model("llama4_text", num_hidden_layers=4, attention_chunk_size=8)
+    assert cache_reason(DynamicCache(config=chunked), chunked) == (
+        "the model has chunked-attention layers, which promptbake doesn't continue from a saved prefix")
+    gemma = AutoConfig.for_model("gemma3_text", num_hidden_layers=6)
+    assert cache_reason(DynamicCache(config=gemma), gemma) is None

@@ -65,11 +65,13 @@ def _draw(weights: torch.Tensor, generator: torch.Generator, block: int = 1024) 
     zero = cdf.new_zeros(())
     u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     u = torch.minimum(u, torch.nextafter(cdf[:, -1:], zero))
-    blk = torch.searchsorted(cdf, u, right=True)  # (B, 1): first block whose running mass exceeds u
+    # (B, 1): first block whose running mass exceeds u. The clamps only matter for NaN weights (a diverged
+    # model): some token comes out, and the bake's finiteness checks stop it, as with one-level draws.
+    blk = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)
     below = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), zero)  # mass before that block
     inner = blocks.gather(1, blk[:, :, None].expand(B, 1, block)).squeeze(1).cumsum(-1, dtype=torch.float64)
     rest = torch.minimum(u - below, torch.nextafter(inner[:, -1:], zero))  # (B, 1), inside the block's mass
-    return (blk * block + torch.searchsorted(inner, rest, right=True)).squeeze(-1)
+    return (blk * block + torch.searchsorted(inner, rest, right=True)).clamp_(max=V - 1).squeeze(-1)
 
 
 def _cut_at_eos(tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:

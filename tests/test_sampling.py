@@ -145,3 +145,10 @@ def test_pick_tokens_over_a_big_vocabulary_draws_across_blocks_exactly():
     keep = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool)
     want = torch.where(keep, p, 0.0) / p[keep].sum()
     assert torch.allclose(freq, want, atol=0.015)
+
+
+def test_pick_tokens_on_nan_logits_returns_ids_in_range():
+    """A diverged model's NaN logits must not crash the draw: the bake's finiteness checks stop it afterwards."""
+    for V in (7, 2100):
+        draws = pick_tokens(torch.full((3, V), float("nan")), 1.0, 1.0, torch.Generator().manual_seed(0))
+        assert draws.shape == (3,) and bool(((draws >= 0) & (draws < V)).all())

@@ -86,6 +86,7 @@ def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict) -> 
     import transformers
 
     config, pair, ps = run.config, run.pair, run.prompt_set
+    reused = pair.prefix.length if pair.prefix and pair.prefix.usable and not pair.prefix_misses else 0
     probe = [{"role": "user", "content": "?"}]
     return {
         "promptbake_version": __version__,
@@ -104,7 +105,8 @@ def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict) -> 
         "resolved": {
             "device": run.device.type, "dtype": str(run.dtype).removeprefix("torch."), "quant": run.quant,
             "system_role": run.renderer.system_role,
-            "prefix_reuse": bool(pair.prefix and pair.prefix.usable and not pair.prefix_misses),
+            "prefix_reuse": reused > 0,
+            "prefix_tokens_reused": reused,  # teacher tokens per row taken from the cached system prefix
         },
         "prompts": dict(source=cfg.prompts, read=ps.rows, dropped=ps.dropped, train=len(run.train),
                         heldout=len(run.heldout), dropped_too_long=ps.dropped.get("too_long", 0)),
@@ -134,6 +136,8 @@ def print_summary(console: Console, r: DistillResult, device) -> None:
     held = r.record["results"]["heldout"]
     table.add_row("held-out measurement", f"{held['prompts']} prompts, ± {held['stderr_after']:.4f}, "
                   f"{held['seconds']:.0f} s before + after")
+    reused = r.record["resolved"]["prefix_tokens_reused"]
+    table.add_row("teacher prefix cache", f"{reused} tokens reused per prompt" if reused else "not used")
     table.add_row("steps", str(r.steps))
     table.add_row("wall time", f"{r.wall_seconds / 60:.1f} min")
     table.add_row("peak memory", f"{r.peak_memory_mb:,.0f} MiB ({'GPU' if device.type == 'cuda' else 'RSS'})")

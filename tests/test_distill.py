@@ -134,3 +134,10 @@ def test_per_token_mean_and_its_standard_error():
     # Residuals s - mean * c: -1, 1, 0 -> var 1; se = sqrt(3 * 1) / 40.
     assert se == pytest.approx(3 ** 0.5 / 40)
     assert per_token_mean([], []) == (0.0, 0.0)
+
+
+def test_record_counts_the_prefix_tokens_the_teacher_reused(baked):
+    out, result = baked
+    record = json.loads((out / "promptbake.json").read_text())
+    assert record["resolved"]["prefix_tokens_reused"] > 0  # ChatML: "<|im_start|>system\n" + the prompt
+    assert f"{record['resolved']['prefix_tokens_reused']} tokens reused per prompt" in result.stderr

@@ -6,7 +6,7 @@
     python benchmarks/bench_opcd.py --loss-memory            # peak memory of the loss alone
 
 promptbake's path: own decode loop on a merged (bf16 where native) copy, teacher prefix KV
-reuse, response-only chunked LM head and loss. Naive path: `generate` on the PEFT model,
+reuse, response-only chunked LM head and loss (exact: the same with the own loop on the PEFT model). Naive path: `generate` on the PEFT model,
 full teacher passes, full (B, T, V) logits for both models. Each path runs in its own
 process so peak memory is its own. Machine speed drifts: compare ratios from one run.
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ARCHS, ROOT, peak_memory, random_init_model, run_worker, smollm2_path  # noqa: E402
+from common import ARCHS, ROOT, gguf_as_folder, peak_memory, random_init_model, run_worker, smollm2_path  # noqa: E402
 
 PHASES = ("rollout", "teacher", "student", "optimizer", "other")
 
@@ -44,7 +44,8 @@ def worker(args) -> dict:
     naive = args.worker == "naive"
     cfg = DistillConfig(model=args.model, prompt=Path(args.prompt), batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, lora_rank=16, lora_alpha=32, lr=1e-4,
-                        quant=args.quant, rollout="generate" if naive else "fast", prefix_reuse=not naive)
+                        quant=args.quant, rollout={"naive": "generate", "exact": "exact"}.get(args.worker, "fast"),
+                        prefix_reuse=not naive)
     device, dtype = pick_device_and_dtype()
     quant = resolve_quant(cfg.quant, device)
     src = resolve_model(cfg.model)
@@ -158,11 +159,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--quant", default="auto")
-    p.add_argument("--paths", default="fast,naive", help="comma-separated: fast, naive")
+    p.add_argument("--paths", default="fast,naive",
+                   help="comma-separated: fast, naive, exact (promptbake's step with its own loop on the PEFT model)")
     p.add_argument("--loss-memory", nargs="?", const="both", choices=["both", "naive", "chunked"],
                    help="measure the loss alone (forward + backward through the LM head), in fresh processes")
     p.add_argument("--vocab", type=int, default=49152, help="vocabulary for --loss-memory")
     p.add_argument("--chunk-size", type=int, default=128, help="chunk for --loss-memory (promptbake's default)")
+    p.add_argument("--gguf-folder", help="with --quant 4bit/8bit on a .gguf: keep its HF-folder copy here (reused)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -187,6 +190,8 @@ def main() -> None:
         if args.arch:
             model = random_init_model(args.arch, Path(tmp) / args.arch, args.model or smollm2_path())
         model = model or smollm2_path()
+        if model.endswith(".gguf") and args.quant in ("4bit", "8bit"):  # bitsandbytes can't quantise a GGUF load
+            model = gguf_as_folder(model, Path(args.gguf_folder or Path(tmp) / "from-gguf"))
         results = [run_worker(script, ["--worker", path, "--model", model, "--prompt", args.prompt,
                                        "--steps", str(args.steps), "--quant", args.quant, *common])
                    for path in args.paths.split(",")]

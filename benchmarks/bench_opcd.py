@@ -45,7 +45,8 @@ def worker(args) -> dict:
     cfg = DistillConfig(model=args.model, prompt=Path(args.prompt), batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, lora_rank=16, lora_alpha=32, lr=1e-4,
                         quant=args.quant, rollout={"naive": "generate", "exact": "exact"}.get(args.worker, "fast"),
-                        prefix_reuse=not naive)
+                        prefix_reuse=not naive, gradient_checkpointing=args.gradient_checkpointing,
+                        micro_batch_size=args.micro_batch_size)
     device, dtype = pick_device_and_dtype()
     quant = resolve_quant(cfg.quant, device)
     src = resolve_model(cfg.model)
@@ -110,7 +111,8 @@ def worker(args) -> dict:
     timed = rows[1:] or rows  # the first step pays one-off costs (allocations, caches)
     med = {k: statistics.median(r[k] for r in timed) for k in (*PHASES, "step")}
     tokens = sum(r["tokens"] for r in timed)
-    out = {"path": args.worker, "device": device.type, "quant": quant, "sampler": _sampler(pair), "steps_timed": len(timed),
+    out = {"path": args.worker, "device": device.type, "quant": quant, "sampler": _sampler(pair),
+           "checkpointing": pair.gradient_checkpointing, "steps_timed": len(timed),
            "seconds": med, "response_tokens_per_s": tokens / sum(r["step"] for r in timed),
            "rollout_tokens_per_s": tokens / sum(r["rollout"] for r in timed), **peak_memory()}
     return out
@@ -165,6 +167,8 @@ def main() -> None:
                    help="measure the loss alone (forward + backward through the LM head), in fresh processes")
     p.add_argument("--vocab", type=int, default=49152, help="vocabulary for --loss-memory")
     p.add_argument("--chunk-size", type=int, default=128, help="chunk for --loss-memory (promptbake's default)")
+    p.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--gguf-folder", help="with --quant 4bit/8bit on a .gguf: keep its HF-folder copy here (reused)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -176,7 +180,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     script = Path(__file__).resolve()
-    common = ["--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens)]
+    common = ["--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
+              "--gradient-checkpointing", args.gradient_checkpointing,
+              *(["--micro-batch-size", str(args.micro_batch_size)] if args.micro_batch_size else [])]
     if args.loss_memory == "both":
         res = {k: run_worker(script, ["--loss-memory", k, "--vocab", str(args.vocab), "--chunk-size",
                                       str(args.chunk_size), *common], live_memory=True) for k in ("naive", "chunked")}

@@ -46,7 +46,9 @@ def random_init_model(arch: str, folder: Path, tokenizer_source: str) -> str:
     tok = load_tokenizer(resolve_model(tokenizer_source))
     config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):  # initialising 8B weights on the GPU takes seconds, not minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

@@ -26,10 +26,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .decoder import ARCHITECTURES, LeanDecoder, _norm, _rms, _rope_tables, unwrap
+from .decoder import ARCHITECTURES, LeanDecoder, unwrap
 
 _GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+# The same small helpers as decoder.py's (private there): the forward must compute what LeanDecoder's does.
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as HF computes it: normalise in fp32, cast back, then scale."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _rope_tables(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sign-folded sin for `positions` (..., T), shaped (..., T, 1, d) to broadcast over heads."""
+    cos, sin = rotary(x, positions)  # (..., T, d)
+    half = sin.shape[-1] // 2
+    return cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(-2)
+
+
+def _norm(module, dtype):
+    """(weight, eps) of an RMSNorm module, or None."""
+    return None if module is None else (module.weight.detach().to(dtype, copy=True), module.variance_epsilon)
 
 
 def quant_layer_types():

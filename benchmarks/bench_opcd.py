@@ -7,7 +7,7 @@
     python benchmarks/bench_opcd.py --loss-memory            # peak memory of the loss alone
 
 promptbake's path: own decode loop on a merged (bf16 where native) copy, teacher prefix KV
-reuse, response-only chunked LM head and loss. Naive path: `generate` on the PEFT model,
+reuse, response-only chunked LM head and loss (exact: the same with the own loop on the PEFT model). Naive path: `generate` on the PEFT model,
 full teacher passes, full (B, T, V) logits for both models. Each path runs in its own
 process so peak memory is its own. Machine speed drifts: compare ratios from one run.
 """
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ARCHS, ROOT, peak_memory, random_init_model, run_worker, smollm2_path  # noqa: E402
+from common import ARCHS, ROOT, gguf_as_folder, peak_memory, random_init_model, run_worker, smollm2_path  # noqa: E402
 
 PHASES = ("rollout", "teacher", "student", "optimizer", "other")
 
@@ -45,7 +45,9 @@ def worker(args) -> dict:
     naive = args.worker == "naive"
     cfg = DistillConfig(model=args.model, prompt=Path(args.prompt), batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, lora_rank=16, lora_alpha=32, lr=1e-4,
-                        quant=args.quant, rollout="generate" if naive else "fast", prefix_reuse=not naive)
+                        quant=args.quant, rollout={"naive": "generate", "exact": "exact"}.get(args.worker, "fast"),
+                        prefix_reuse=not naive, gradient_checkpointing=args.gradient_checkpointing,
+                        micro_batch_size=args.micro_batch_size)
     device, dtype = pick_device_and_dtype()
     quant = resolve_quant(cfg.quant, device)
     src = resolve_model(cfg.model)
@@ -110,7 +112,8 @@ def worker(args) -> dict:
     timed = rows[1:] or rows  # the first step pays one-off costs (allocations, caches)
     med = {k: statistics.median(r[k] for r in timed) for k in (*PHASES, "step")}
     tokens = sum(r["tokens"] for r in timed)
-    out = {"path": args.worker, "device": device.type, "quant": quant, "sampler": _sampler(pair), "steps_timed": len(timed),
+    out = {"path": args.worker, "device": device.type, "quant": quant, "sampler": _sampler(pair),
+           "checkpointing": pair.gradient_checkpointing, "steps_timed": len(timed),
            "prefix_tokens": pair.prefix.length if pair.prefix else 0,
            "prefix_miss": pair.prefix.miss if pair.prefix else "prefix reuse off",
            "seconds": med, "response_tokens_per_s": tokens / sum(r["step"] for r in timed),
@@ -162,11 +165,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--quant", default="auto")
-    p.add_argument("--paths", default="fast,naive", help="comma-separated: fast, naive")
+    p.add_argument("--paths", default="fast,naive",
+                   help="comma-separated: fast, naive, exact (promptbake's step with its own loop on the PEFT model)")
     p.add_argument("--loss-memory", nargs="?", const="both", choices=["both", "naive", "chunked"],
                    help="measure the loss alone (forward + backward through the LM head), in fresh processes")
     p.add_argument("--vocab", type=int, default=49152, help="vocabulary for --loss-memory")
     p.add_argument("--chunk-size", type=int, default=128, help="chunk for --loss-memory (promptbake's default)")
+    p.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--gguf-folder", help="with --quant 4bit/8bit on a .gguf: keep its HF-folder copy here (reused)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -177,7 +184,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
     script = Path(__file__).resolve()
-    common = ["--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens)]
+    common = ["--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
+              "--gradient-checkpointing", args.gradient_checkpointing,
+              *(["--micro-batch-size", str(args.micro_batch_size)] if args.micro_batch_size else [])]
     if args.loss_memory == "both":
         res = {k: run_worker(script, ["--loss-memory", k, "--vocab", str(args.vocab), "--chunk-size",
                                       str(args.chunk_size), *common], live_memory=True) for k in ("naive", "chunked")}
@@ -192,6 +201,8 @@ def main() -> None:
             model = random_init_model(args.arch, Path(tmp) / args.arch, args.model or smollm2_path())
         model = model or smollm2_path()
         template = ["--chat-template", args.chat_template] if args.chat_template else []
+        if model.endswith(".gguf") and args.quant in ("4bit", "8bit"):  # bitsandbytes can't quantise a GGUF load
+            model = gguf_as_folder(model, Path(args.gguf_folder or Path(tmp) / "from-gguf"))
         results = [run_worker(script, ["--worker", path, "--model", model, "--prompt", args.prompt,
                                        "--steps", str(args.steps), "--quant", args.quant, *template, *common])
                    for path in args.paths.split(",")]

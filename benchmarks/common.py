@@ -18,6 +18,9 @@ ARCHS = {
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                          max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         max_position_embeddings=131072, rope_theta=5e5, tie_word_embeddings=False),
     "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                      max_position_embeddings=8192, rope_theta=5e5, tie_word_embeddings=True),
@@ -43,9 +46,33 @@ def random_init_model(arch: str, folder: Path, tokenizer_source: str) -> str:
     tok = load_tokenizer(resolve_model(tokenizer_source))
     config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):  # initialising 8B weights on the GPU takes seconds, not minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    return str(folder)
+
+
+def gguf_as_folder(gguf: str, folder: Path) -> str:
+    """A .gguf model re-saved as an ordinary HF folder (safetensors), for --quant 4bit / 8bit:
+    transformers refuses to quantise a model it loads from GGUF. Reuses the folder if it exists."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from promptbake.models import load_tokenizer, resolve_model
+
+    if (folder / "config.json").exists():
+        return str(folder)
+    src = resolve_model(gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(src.path, **src.kwargs, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # GGUF objects can't save
+    model.load_state_dict(loaded.state_dict())
+    model.config.quantization_config = None  # the GGUF marker would clash with bitsandbytes
+    del model.config.quantization_config
+    model.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    load_tokenizer(src).save_pretrained(folder)
     return str(folder)
 
 

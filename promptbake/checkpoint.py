@@ -39,14 +39,16 @@ SAVE_SECONDS = 600  # a checkpoint at least every 10 minutes, whatever --save-ev
 KEEP = 2  # checkpoints kept: if the newest is unreadable, the one before it still is
 
 # Settings that may differ when resuming. Where the output goes, how often to save and what
-# is trusted don't change the result; --chunk-size only splits the same sums differently.
+# is trusted don't change the result; --chunk-size and --micro-batch-size only split the same sums
+# differently, and --gradient-checkpointing recomputes the same activations.
 # --steps may change (up or down to the checkpoint's step): with a constant learning rate and
 # batches that depend only on (seed, step), a longer bake equals one started with the larger
 # --steps. The files behind --prompt, --prompts and --chat-template are compared by content.
 _MAY_DIFFER = {"out", "overwrite", "resume", "save_every", "record_prompt", "allow_pickle", "trust_remote_code",
                "eval", "checks", "min_gap_closed", "min_pass_rate",  # evaluation after training only
                "export", "export_outtype",  # written after training only
-               "steps", "chunk_size", "prompt", "prompts", "chat_template"}
+               "steps", "chunk_size", "prompt", "prompts", "chat_template",
+               "micro_batch_size", "gradient_checkpointing"}  # the same sums, split or recomputed
 _NAMES = {
     "system_prompt_sha256": "the system prompt (--prompt file contents)",
     "prompts_sha256": "the prompt set (--prompts contents)",

@@ -20,6 +20,7 @@ from .errors import InputError
 
 QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
 ROLLOUT_CHOICES = ("fast", "exact", "generate")
+CHECKPOINTING_CHOICES = ("auto", "on", "off")
 EXPORT_CHOICES = ("none", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -147,6 +148,19 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
     )
     prefix_reuse: bool = _opt(True, "Compute the teacher's system-prompt KV cache once and reuse it.")
 
+    # Memory.
+    micro_batch_size: int = _opt(
+        None,
+        "Run the student pass and its backward N rollouts at a time, accumulating gradients: the optimizer "
+        "still sees --batch-size and the result is the same. Default: the whole batch at once.",
+    )
+    gradient_checkpointing: str = _opt(
+        "auto",
+        "Recompute each decoder layer in the student's backward instead of keeping its activations "
+        "(about one extra student forward per step). auto: on on CUDA, off on CPU.",
+        choices=CHECKPOINTING_CHOICES,
+    )
+
     # Privacy.
     record_prompt: bool = _opt(
         False, "Store the system prompt's text in promptbake.json. By default only its SHA-256 is recorded anywhere."
@@ -191,6 +205,8 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
             raise InputError(f"--heldout-prompts must be 0 (all) or a positive number (got {self.heldout_prompts}).")
         if self.max_prompts < 0:
             raise InputError(f"--max-prompts must be 0 (all) or a positive number (got {self.max_prompts}).")
+        if self.micro_batch_size is not None:
+            check_micro_batch(self.micro_batch_size, self.batch_size)
         if self.kl_topk < 0:
             raise InputError(f"--kl-topk must be 0 (full vocabulary) or a positive K (got {self.kl_topk}).")
         if not self.eval and (self.min_gap_closed is not None or self.min_pass_rate is not None):
@@ -271,6 +287,14 @@ def check_thresholds(min_gap_closed: float | None, min_pass_rate: float | None, 
             raise InputError(f"{flag(name)} must be a fraction between 0 and 1 (got {value}).")
     if max_drift is not None and not (math.isfinite(max_drift) and max_drift >= 0):
         raise InputError(f"--max-drift must be a KL per token of 0 or more (got {max_drift}).")
+
+
+def check_micro_batch(micro: int, batch: int) -> None:
+    """1 <= --micro-batch-size <= --batch-size. It needn't divide the batch: the loss is a mean over
+    the whole batch's tokens, so uneven parts add up to the same gradient."""
+    if not 1 <= micro <= batch:
+        raise InputError(f"--micro-batch-size must be between 1 and --batch-size ({batch}); got {micro}. "
+                         "Leave it out to run the whole batch at once.")
 
 
 def _check_temperature(value: float) -> None:

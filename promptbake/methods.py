@@ -66,16 +66,36 @@ class OPCD:
     def backward(self, ro: Rollout, t_hidden: torch.Tensor) -> torch.Tensor:
         """Per-token reverse KL on the rollout; the gradient of its token-mean lands in the LoRA weights."""
         pair = self.pair
-        s_hidden = pair.student_states(ro)  # (N, H), graph through the LoRA weights
-        leaf = s_hidden.detach().requires_grad_(True)  # cut here: the head and loss run in chunks
-        kl = backward_in_chunks(
-            leaf, pair.student_head,
+        return student_backward(
+            pair, ro,
             lambda logits, rows: token_reverse_kl(logits, _no_grad(pair.teacher_head, t_hidden[rows]), pair.kl_topk),
-            chunk_size=pair.chunk_size, scale=1.0 / max(ro.n_tokens, 1),
+            scale=1.0 / max(ro.n_tokens, 1),
         )
+
+
+def student_backward(pair: StudentTeacher, ro: Rollout, token_loss, *, scale: float) -> torch.Tensor:
+    """Backpropagate `scale * sum(token_loss)` over the rollout's N response tokens into the LoRA weights.
+
+    token_loss(logits (n, V), rows: slice of the N tokens) -> (n,) per-token loss.
+    The student pass and its backward run `pair.micro_batch_size` rollouts at a time (all at once
+    when None): gradients add up in the LoRA weights and `scale` is the whole batch's, so the
+    optimizer sees the same gradient as from one pass. Returns the (N,) per-token loss, detached.
+    """
+    out, start = [], 0
+    for part in ro.split(pair.micro_batch_size):
+        s_hidden = pair.student_states(part)  # (n, H), graph through the LoRA weights
+        leaf = s_hidden.detach().requires_grad_(True)  # cut here: the head and loss run in chunks
+        out.append(backward_in_chunks(leaf, pair.student_head, _rows_from(token_loss, start, part.n_tokens),
+                                      chunk_size=pair.chunk_size, scale=scale))
         if leaf.grad is not None and s_hidden.requires_grad:
             s_hidden.backward(leaf.grad)  # the rest of the backward: through the decoder into the LoRA weights
-        return kl
+        start += part.n_tokens
+    return torch.cat(out)
+
+
+def _rows_from(token_loss, start: int, n: int):
+    """token_loss for a part whose n tokens are rows start .. start + n of the whole batch."""
+    return lambda logits, rows: token_loss(logits, slice(start + rows.start, start + min(rows.stop, n)))
 
 
 def _no_grad(head, hidden: torch.Tensor) -> torch.Tensor:

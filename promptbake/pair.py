@@ -34,6 +34,14 @@ class Rollout:
     def n_tokens(self) -> int:
         return sum(len(r) for r in self.responses)
 
+    def split(self, size: int | None) -> list[Rollout]:
+        """Consecutive parts of at most `size` rollouts (the whole rollout when size is None); their
+        response tokens, concatenated in order, are this rollout's N tokens."""
+        if size is None or size >= len(self.responses):
+            return [self]
+        return [Rollout(self.prompts[i : i + size], self.student_ids[i : i + size], self.teacher_ids[i : i + size],
+                        self.responses[i : i + size]) for i in range(0, len(self.responses), size)]
+
 
 class StudentTeacher:
     def __init__(
@@ -51,6 +59,8 @@ class StudentTeacher:
         chunk_size: int = 128,
         rollout: str = "fast",
         prefix_reuse: bool = True,
+        micro_batch_size: int | None = None,  # rollouts per student pass and backward (None: all)
+        gradient_checkpointing: bool = False,
     ):
         self.student = student
         self.renderer = renderer
@@ -59,10 +69,14 @@ class StudentTeacher:
         self.quantised = quantised
         self.kl_topk = kl_topk
         self.chunk_size = chunk_size
+        self.micro_batch_size = micro_batch_size
+        self.gradient_checkpointing = gradient_checkpointing
         self.sampling = SamplingArgs.for_model(self.tok, student, max_new_tokens=max_new_tokens,
                                                temperature=temperature, top_p=top_p)
         self.sampler = make_sampler(rollout, student, self.sampling, quantised=quantised)
         base = student.get_base_model()
+        if gradient_checkpointing:
+            _checkpoint_layers(base)
         self.student_head = logits_fn(base, vocab)  # (n, H) -> (n, V); LoRA on the head, if any, is live
         self.teacher_head = logits_fn(teacher if teacher is not None else base, vocab)
         self.prefix: PrefixCache | None = None
@@ -96,8 +110,13 @@ class StudentTeacher:
             return teacher_hidden(lm, ro.teacher_ids, ro.responses, self.tok.pad_token_id, self.prefix)
 
     def student_states(self, ro: Rollout) -> torch.Tensor:
-        """(N, H) student hidden states on the rollout, with gradient through the LoRA weights."""
-        self.student.train()  # LoRA dropout, if any
+        """(N, H) student hidden states on the rollout, with gradient through the LoRA weights.
+
+        With gradient checkpointing each decoder layer keeps only its input and recomputes the
+        rest in the backward. HF checkpoints only in training mode, which this pass alone uses:
+        rollouts, teacher passes and the held-out KL run in eval mode, unchanged.
+        """
+        self.student.train()  # LoRA dropout, if any (the recompute replays the same dropout masks)
         try:
             return response_hidden(self.student.get_base_model(), ro.student_ids, ro.responses, self.tok.pad_token_id)
         finally:
@@ -110,3 +129,22 @@ class StudentTeacher:
                                        self.tok.pad_token_id)
         return chunked_kl(s_hidden, self.teacher_states(ro), self.student_head, self.teacher_head,
                           chunk_size=self.chunk_size, topk=self.kl_topk)
+
+
+def use_checkpointing(setting: str, device) -> bool:
+    """--gradient-checkpointing auto/on/off on this device. auto is on on CUDA: there the student
+    backward's activations grow with batch x length and are what stops an 8B model at 512 new
+    tokens from fitting a 24 GB card (see memory.estimate_peak_memory), for ~1 extra student
+    forward per step; on CPU memory is rarely the limit and time is, so it stays off."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def _checkpoint_layers(causal_lm) -> None:
+    """Turn on HF activation checkpointing for every decoder layer (non-reentrant: the base is frozen
+    and its inputs need no gradient). Older transformers only have gradient_checkpointing_enable."""
+    enable = getattr(causal_lm, "activation_checkpointing_enable", None)
+    kwargs = {"use_reentrant": False}
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -100,6 +100,13 @@ def make_sampler(mode: str, peft_model, args: SamplingArgs, *, quantised: bool) 
     """The student's sampler for --rollout `mode` (fast / exact / generate)."""
     if mode == "generate":
         return GenerateSampler(peft_model, args)
-    if mode == "exact" or quantised:  # no merged copy of a quantised base: its LoRA path is the sampler
+    if mode == "exact":
         return LoopSampler(peft_model, args, "own loop on the PEFT model")
+    if quantised:  # no merged copy of a quantised base: sample from the quantised weights as stored
+        from .qdecoder import QuantisedSampler, unsupported_reason
+
+        reason = unsupported_reason(peft_model)
+        if reason is None:
+            return QuantisedSampler(peft_model, args)
+        return LoopSampler(peft_model, args, f"own loop on the PEFT model (no fast quantised path: {reason})")
     return MergedCopySampler(peft_model, args)

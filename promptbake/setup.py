@@ -176,12 +176,14 @@ def add_lora(base, cfg: DistillConfig):
 
 def build_pair(student, renderer, cfg: DistillConfig, *, vocab: int, quant: str, teacher=None):
     """The StudentTeacher for `student` (a LoRA-wrapped model) with cfg's sampling, loss and speed settings."""
-    from .pair import StudentTeacher
+    from .pair import StudentTeacher, use_checkpointing
 
     return StudentTeacher(
         student, renderer, teacher=teacher, vocab=vocab, quantised=quant != "none",
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         kl_topk=cfg.kl_topk, chunk_size=cfg.chunk_size, rollout=cfg.rollout, prefix_reuse=cfg.prefix_reuse,
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_checkpointing=use_checkpointing(cfg.gradient_checkpointing, next(student.parameters()).device),
     )
 
 

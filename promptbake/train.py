@@ -27,6 +27,7 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
     import torch
 
     method = METHODS["opcd"](run.pair)
+    cuda = run.device.type == "cuda"
     params, optimizer = run.params, run.optimizer
     # `progress` starts after the last checkpoint, saves new ones, and turns Ctrl-C / SIGTERM
     # into a checkpoint and a clean exit.
@@ -37,6 +38,8 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
             torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout
             gen = torch.Generator(run.device).manual_seed(step_seed(cfg.seed, step))
             timer = PhaseTimer(run.device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(run.device)  # each row's peak is its own step's
             stats = method.step(batch, gen, timer)  # gradients are in the LoRA weights now
             with timer("optim"):
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
@@ -50,7 +53,8 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
                     if not torch.stack([p.isfinite().all() for p in params]).all():  # never checkpoint inf weights
                         raise diverged(f"step {step}: the update made the LoRA weights inf or nan", cfg,
                                        progress.kept())
-                row = step_row(step, stats, grad_norm, timer.seconds, cfg.lr)
+                peak = torch.cuda.max_memory_allocated(run.device) / 2**20 if cuda else None
+                row = step_row(step, stats, grad_norm, timer.seconds, cfg.lr, peak_memory_mib=peak)
                 progress.finished(step, row)  # metrics.jsonl; a checkpoint every --save-every steps and at the end
             log.step(row)
             if step == 1 and run.pair.prefix is not None and run.pair.prefix_misses:
@@ -58,16 +62,20 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
                               f"cache, because {escape(run.pair.prefix.miss)}.", highlight=False)
 
 
-def step_row(step: int, stats, grad_norm: float, seconds: dict[str, float], lr: float) -> dict:
-    """The metrics.jsonl row of a finished step."""
+def step_row(step: int, stats, grad_norm: float, seconds: dict[str, float], lr: float,
+             peak_memory_mib: float | None = None) -> dict:
+    """The metrics.jsonl row of a finished step; on CUDA with the step's peak allocated GPU memory."""
     total = sum(seconds.values())
-    return {
+    row = {
         "step": step, "kl": round(stats.loss, 6), "response_tokens": stats.tokens,
         "tokens_per_s": round(stats.rollout_tokens / seconds["rollout"], 2), "grad_norm": round(grad_norm, 6),
         "rollout_s": round(seconds["rollout"], 3), "teacher_s": round(seconds["teacher"], 3),
         "student_s": round(seconds["student"], 3), "optim_s": round(seconds["optim"], 3), "step_s": round(total, 3),
         "lr": lr,
     }
+    if peak_memory_mib is not None:
+        row["peak_memory_mib"] = round(peak_memory_mib, 1)
+    return row
 
 
 @dataclass

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare",
                    help="Folder for results.json and results.md (a rerun extends it).")
     p.add_argument("--verbose", action="store_true", help="Show each bake's own output.")
+    p.add_argument("--rescore", action="store_true",
+                   help="Bake nothing: re-apply the prompts' current checks files to the answers kept in --out.")
     args = p.parse_args(argv)
     try:
         args.sweep_grid = parse_sweep(args.sweep)
@@ -146,7 +148,8 @@ class Evaluator:
         self.base_lm = load_model(self.src, **self.load)
         self.prompts = spread(load_prompts("eval"), args.eval_prompts)
         self.ood = spread(load_prompts("ood"), args.ood_prompts) if args.ood_prompts else []
-        self.reference: dict[tuple, dict] = {}  # (prompt name, max_new_tokens, temperature) -> teacher/base figures
+        self.reference: dict[tuple, dict] = {}
+        self.base_responses: dict[tuple, list] = {}  # (prompt name, max_new_tokens, temperature) -> teacher/base figures
 
     def compared(self, baked_lm, system: str, max_new: int, temperature: float):
         from promptbake.eval.systems import ComparedModels
@@ -162,15 +165,17 @@ class Evaluator:
         if key not in self.reference:
             m = self.compared(self.base_lm, system, max_new, temperature)
             seed = self.args.eval_seed
-            teacher, base = m.sample("teacher", self.prompts, seed), m.sample("base", self.prompts, seed)
+            teacher = m.sample("teacher", self.prompts, seed)
+            if (max_new, temperature) not in self.base_responses:  # no system prompt: the same for every prompt
+                self.base_responses[(max_new, temperature)] = m.sample("base", self.prompts, seed)
+            base = self.base_responses[(max_new, temperature)]
             texts = {"teacher": m.text(teacher), "base": m.text(base)}
             self.reference[key] = {
                 "responses": {"teacher": teacher, "base": base},
                 "passes": {c.name: {s: sum(c.passes(t) for t in texts[s]) for s in texts} for c in checks},
                 "reverse_kl_base": m.kl("base", "teacher", self.prompts, base).value,
                 "forward_kl_base": m.kl("teacher", "base", self.prompts, teacher).value,
-                "samples": [{"prompt": p[-1]["content"], **{s: texts[s][i] for s in texts}}
-                            for i, p in enumerate(self.prompts[:3])],
+                "texts": texts,
             }
         return self.reference[key]
 
@@ -202,7 +207,7 @@ class Evaluator:
             "gap_closed": gap_closed(reverse, ref["reverse_kl_base"]),
             "forward_gap_closed": gap_closed(forward, ref["forward_kl_base"]),
             "checks": checks_out, "drift": drift, "eval_prompts": n, "ood_prompts": len(self.ood),
-            "samples": [{"prompt": p[-1]["content"], "baked": texts[i]} for i, p in enumerate(self.prompts[:2])],
+            "texts": texts,  # every answer, so the checks can be re-scored later without baking again
         }
 
 
@@ -244,6 +249,8 @@ def main(argv=None) -> int:
     from promptbake.data import read_system_prompt
 
     args = parse_args(argv)
+    if args.rescore:
+        return rescore(args.out)
     console = Console(stderr=True)
     quiet = console if args.verbose else Console(stderr=True, quiet=True)
     model = args.model or smollm2_path()
@@ -268,7 +275,8 @@ def main(argv=None) -> int:
                     "checks": {c: {s: v / eval_info["prompts"] for s, v in rates.items()}
                                for c, rates in ref["passes"].items()},
                     "reverse_kl_base": ref["reverse_kl_base"], "forward_kl_base": ref["forward_kl_base"],
-                    "samples": ref["samples"], "eval": eval_info}
+                    "path": repo_relative(path), "texts": ref["texts"], "eval_prompts": [p[-1]["content"] for p in evaluator.prompts],
+                    "eval": eval_info}
                 write(data, args.out)
                 for method, seed in itertools.product(args.method_list, args.seed_list):
                     row = {"prompt": name, "method": method, "seed": seed, "settings": settings, "eval": eval_info}
@@ -283,6 +291,40 @@ def main(argv=None) -> int:
                     done.add(run_key(row))
                     write(data, args.out)
     print(table_text(data))  # the result on stdout; progress went to stderr
+    return 0
+
+
+def repo_relative(path: Path) -> str:
+    """The prompt file's path relative to the repository when it lies inside it (results stay portable)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def rescore(out: Path) -> int:
+    """Recompute every check's pass rates from the answers kept in out/results.json with today's checks files
+    (NAME.checks.toml beside each system prompt file the results name)."""
+    from promptbake.checks import find_checks
+
+    results_file = out / "results.json"
+    if not results_file.is_file():
+        sys.exit(f"error: --rescore: {results_file} doesn't exist; run the comparison with this --out first")
+    data = json.loads(results_file.read_text())
+    for key, ref in data["reference"].items():
+        name = key.split("@")[0]
+        path = ROOT / ref["path"]  # absolute paths stay as they are
+        if not path.is_file():
+            print(f"note: {ref['path']} is gone; {name} keeps its old check rates", file=sys.stderr)
+            continue
+        checks = find_checks(None, path)
+        n = len(ref["texts"]["teacher"])
+        ref["checks"] = {c.name: {s: sum(c.passes(t) for t in ref["texts"][s]) / n for s in ("teacher", "base")}
+                         for c in checks}
+        for r in data["runs"]:
+            if r["prompt"] == name and f"{name}@{r['settings']['max_new_tokens']}" == key:
+                r["checks"] = {c.name: {"baked": sum(c.passes(t) for t in r["texts"]) / n, **ref["checks"][c.name]}
+                               for c in checks}
+    write(data, out)
+    print(table_text(data))
     return 0
 
 

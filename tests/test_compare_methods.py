@@ -49,6 +49,14 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
     sft_row = next(line for line in again.stdout.splitlines() if line.startswith("pirate") and " sft " in line)
     assert " 2 " in sft_row and "±" in sft_row  # two seeds, with their spread
 
+    # --rescore re-applies an edited checks file to the kept answers, baking nothing.
+    (tmp_path / "pirate.checks.toml").write_text('[[check]]\nname = "any text"\nregex = "."\n', encoding="utf-8")
+    rescored = compare("--rescore", "--out", str(out))
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert all(set(r["checks"]) == {"any text"} for r in data["runs"])
+    assert set(data["reference"]["pirate@6"]["checks"]) == {"any text"}
+
 
 def test_compare_methods_bad_input(tmp_path):
     result = compare("--methods", "opcd,dpo", "--out", str(tmp_path / "r"), timeout=120)

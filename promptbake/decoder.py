@@ -1,32 +1,53 @@
-"""A lean decoder for sampling Llama-family models: fused weights, a static KV cache, few ops per token.
+"""A lean decoder for sampling: fused weights, a static KV cache, few ops per token.
 
 At batch 8 a decode step does little arithmetic: its floor is reading every weight once
 (memory bandwidth). What the Hugging Face forward adds on top is per-call work: seven
 separate projections per layer, a KV cache concatenated at every token, mask building,
 and a flash-attention kernel set up for a single query. `LeanDecoder` runs the same
 computation as the HF model (RMSNorm, rotary embeddings from the model's own rotary
-module, grouped-query attention, SwiGLU) on:
+module, grouped-query attention, a gated MLP) on:
 
 - fused weights: one q|k|v projection and one gate|up projection per layer;
 - a preallocated KV cache written in place, one column per step for the whole batch
   (rows are left-padded, so every row's next token lands in the same column);
 - an additive key bias that masks padding, updated in place;
 - for one-token steps, attention as two batched matmuls in which grouped query heads
-  share their KV head without copying it.
+  share their KV head without copying it; a sliding-window layer reads only the last
+  `window` columns of its cache (every row's window covers the same columns);
+- logits only where a token is drawn: the last prompt position at prefill.
 
-It covers the architectures whose layers are exactly that (Llama, SmolLM, Qwen2,
-Qwen3, Mistral without a sliding window); `unsupported_reason` says why any other
-model falls back to the HF forward. Sampling only: no gradients, no training.
+Two families of layers:
+
+- Llama (Llama, SmolLM, Qwen2, Qwen3, Mistral): pre-norm blocks, SwiGLU, RMSNorm
+  scaled by its weight; per-head q/k norms for Qwen3; sliding windows where the
+  config sets them.
+- Gemma (Gemma, Gemma 2, Gemma 3 text): embeddings scaled by sqrt(hidden), RMSNorm
+  scaled by (1 + weight) in fp32, GeGLU (tanh GELU), a norm after attention and after
+  the MLP as well as before (Gemma 2/3), per-head q/k norms (Gemma 3), sliding-window
+  and global layers with their own rotary tables (Gemma 3's local/global base
+  frequencies), attention scale query_pre_attn_scalar ** -0.5, and tanh soft-capping
+  of final logits where the config has it and of attention scores on Gemma 2 (as HF does).
+
+`unsupported_reason` says why any other model falls back to the HF forward. Sampling
+only: no gradients, no training.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")
+GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
+ARCHITECTURES = LLAMA_FAMILY + GEMMA_FAMILY
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The MLP activations the decoder computes, by the class transformers' ACT2FN gives them.
+_ACTIVATIONS = {"SiLU": F.silu, "SiLUActivation": F.silu,
+                "GELUTanh": lambda x: F.gelu(x, approximate="tanh"),
+                "PytorchGELUTanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def unwrap(module):
@@ -39,21 +60,23 @@ def unsupported_reason(model) -> str | None:
     cfg = model.config
     if cfg.model_type not in ARCHITECTURES:
         return f"architecture {cfg.model_type!r}"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r}"
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
-        return "mixed attention layer types"
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    kinds = set(getattr(cfg, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if kinds:
+        return f"attention layer type {sorted(kinds)[0]!r}"
     try:
         for layer in model.model.layers:
             for name in _PROJECTIONS:
                 linear = unwrap(layer.get_submodule(name))
                 if type(linear) is not torch.nn.Linear or not linear.weight.dtype.is_floating_point:
                     return f"{name} is a {type(linear).__name__} ({linear.weight.dtype}), not a plain linear layer"
-            layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon  # noqa: B018
+            act = type(layer.mlp.act_fn).__name__
+            if act not in _ACTIVATIONS:
+                return f"activation {act}"
+            _eps(layer.input_layernorm), _eps(layer.post_attention_layernorm)
             layer.self_attn.head_dim, layer.self_attn.scaling  # noqa: B018
         model.model.rotary_emb, model.model.norm, model.model.embed_tokens  # noqa: B018
     except AttributeError as err:
@@ -61,17 +84,36 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as HF computes it: normalise in fp32, cast back, then scale."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+def _eps(norm) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
 
 
-def _rope_tables(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class _Norm:
+    """RMSNorm as HF computes it for the family.
+
+    Llama: normalise in fp32, cast back, then scale by the weight.
+    Gemma: normalise and scale by (1 + weight) both in fp32, then cast back.
+    """
+
+    def __init__(self, module, dtype, gemma: bool):
+        self.eps = _eps(module)
+        self.gemma = gemma
+        w = module.weight.detach()
+        self.weight = (1.0 + w.float()) if gemma else w.to(dtype, copy=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemma:
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def _rope_tables(rotary, x: torch.Tensor, positions: torch.Tensor, layer_type) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sign-folded sin for `positions` (..., T), shaped (..., T, 1, d) to broadcast over heads.
 
-    The model's own rotary module computes them, so every rope variant it supports applies here.
+    The model's own rotary module computes them, so every rope variant it supports applies here
+    (Gemma 3's takes the layer type: local and global layers rotate at different base frequencies).
     """
-    cos, sin = rotary(x, positions)  # (..., T, d)
+    cos, sin = rotary(x, positions) if layer_type is None else rotary(x, positions, layer_type)  # (..., T, d)
     half = sin.shape[-1] // 2
     signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
     return cos.unsqueeze(-2), signed_sin.unsqueeze(-2)
@@ -80,6 +122,10 @@ def _rope_tables(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torc
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) = roll(x) with the sign in signed_sin."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if not cap else torch.tanh(x / cap) * cap
 
 
 def _copy(t, dtype):
@@ -99,8 +145,16 @@ def _fuse(modules, dtype):
     return weight, bias, rows
 
 
+def _window(model, index: int) -> int | None:
+    """The sliding window of layer `index` (keys within `window` columns of the query), or None for global."""
+    attn = model.model.layers[index].self_attn
+    if hasattr(attn, "sliding_window"):  # Qwen2/3 and Gemma set it per layer (None on global layers)
+        return attn.sliding_window
+    return getattr(model.config, "sliding_window", None) if model.config.model_type == "mistral" else None
+
+
 class _Layer:
-    def __init__(self, layer, dtype):
+    def __init__(self, layer, dtype, gemma: bool, window: int | None, rope_key):
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv, self.qkv_bias, rows = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
         self.rows = dict(rows)
@@ -110,20 +164,25 @@ class _Layer:
         self.rows.update(rows)
         self.down, self.down_bias, rows = _fuse([mlp.down_proj], dtype)
         self.rows.update(rows)
-        self.ln1 = _norm(layer.input_layernorm, dtype)
-        self.ln2 = _norm(layer.post_attention_layernorm, dtype)
-        self.q_norm = _norm(getattr(attn, "q_norm", None), dtype)  # Qwen3 normalises q and k per head
-        self.k_norm = _norm(getattr(attn, "k_norm", None), dtype)
+        self.act = _ACTIVATIONS[type(mlp.act_fn).__name__]
+
+        def norm(module):
+            return None if module is None else _Norm(module, dtype, gemma)
+
+        self.ln_attn = norm(layer.input_layernorm)
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 2/3 normalise blocks' outputs too
+        self.ln_attn_out = norm(layer.post_attention_layernorm) if sandwich else None
+        self.ln_mlp = norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm)
+        self.ln_mlp_out = norm(layer.post_feedforward_layernorm) if sandwich else None
+        self.q_norm = norm(getattr(attn, "q_norm", None))  # Qwen3 and Gemma 3 normalise q and k per head
+        self.k_norm = norm(getattr(attn, "k_norm", None))
+        self.window = window
+        self.rope_key = rope_key  # which rotary table: None for one table, else the layer type
         self.k_cache = self.v_cache = None
 
 
-def _norm(module, dtype):
-    """(weight, eps) of an RMSNorm module, or None."""
-    return None if module is None else (_copy(module.weight, dtype), module.variance_epsilon)
-
-
 class LeanDecoder:
-    """Batched sampling forward of a Llama-family model on its own copy of the weights.
+    """Batched sampling forward of a Llama- or Gemma-family model on its own copy of the weights.
 
     `destinations()` maps each of the model's modules (PEFT wrappers included) to the
     tensor in this copy that holds its weight, so merged LoRA weights can be written in.
@@ -131,17 +190,28 @@ class LeanDecoder:
 
     def __init__(self, model, dtype: torch.dtype):
         inner, cfg = model.model, model.config
+        gemma = cfg.model_type in GEMMA_FAMILY
         attn = inner.layers[0].self_attn
-        self.layers = [_Layer(layer, dtype) for layer in inner.layers]
+        # Gemma 3's rotary module keeps one table per layer type and is called with it.
+        per_type_rope = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(inner.layers)
+        self.layers = [_Layer(layer, dtype, gemma, _window(model, i), types[i] if per_type_rope else None)
+                       for i, layer in enumerate(inner.layers)]
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
+        # Gemma 2 soft-caps attention scores; HF's Gemma 3 attention never reads its config's
+        # attn_logit_softcapping (Gemma 3 checkpoints set none), so neither does this copy.
+        self.attn_cap = getattr(cfg, "attn_logit_softcapping", None) if cfg.model_type == "gemma2" else None
+        self.logit_cap = getattr(cfg, "final_logit_softcapping", None)
         self.dtype = dtype
         self.device = inner.embed_tokens.weight.device
         self.rotary = inner.rotary_emb
-        self.norm = _norm(inner.norm, dtype)
+        self.norm = _Norm(inner.norm, dtype, gemma)
         embed_module, head_module = inner.embed_tokens, model.get_output_embeddings()
+        scale = getattr(unwrap(embed_module), "embed_scale", None)  # Gemma: sqrt(hidden), cast to the weights' dtype
+        self.embed_scale = None if scale is None else scale.to(dtype)
         self.embed = _copy(unwrap(embed_module).weight, dtype)
         tied = unwrap(head_module).weight is unwrap(embed_module).weight
         self.head = self.embed if tied and not _is_lora(embed_module) and not _is_lora(head_module) \
@@ -157,36 +227,71 @@ class LeanDecoder:
     def destinations(self) -> dict:
         return self._destinations
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) last hidden states -> (B, V) logits: the only positions whose logits are needed."""
+        return _softcap(F.linear(self.norm(x), self.head)[:, : self.vocab], self.logit_cap)
+
+    def _tables(self, x: torch.Tensor, positions: torch.Tensor) -> dict:
+        """Rotary tables for each distinct rope key of the layers, computed once per forward."""
+        return {key: _rope_tables(self.rotary, x, positions, key) for key in {layer.rope_key for layer in self.layers}}
+
     def _qk(self, layer: _Layer, heads: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated queries and keys from (..., q|k|v heads, d) projections."""
         nq, nk = self.n_heads, self.n_kv
         if layer.q_norm is None:  # one rotation for queries and keys together
             qk = _rotate(heads.narrow(-2, 0, nq + nk), cos, sin)
             return qk.narrow(-2, 0, nq), qk.narrow(-2, nq, nk)
-        q = _rotate(_rms(heads.narrow(-2, 0, nq), *layer.q_norm), cos, sin)
-        return q, _rotate(_rms(heads.narrow(-2, nq, nk), *layer.k_norm), cos, sin)
+        q = _rotate(layer.q_norm(heads.narrow(-2, 0, nq)), cos, sin)
+        return q, _rotate(layer.k_norm(heads.narrow(-2, nq, nk)), cos, sin)
+
+    def _block(self, layer: _Layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual adds of the attention output (already o-projected) and the MLP, with Gemma's output norms."""
+        if layer.ln_attn_out is not None:
+            attn_out = layer.ln_attn_out(attn_out)
+        x = x + attn_out
+        gate, up = F.linear(layer.ln_mlp(x), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+        mlp_out = F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+        if layer.ln_mlp_out is not None:
+            mlp_out = layer.ln_mlp_out(mlp_out)
+        return x + mlp_out
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, T) prompt ids (mask: 1 on real tokens) at (B, T) positions into an empty cache -> (B, V) last logits."""
         B, T = ids.shape
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(ids, self.embed)  # (B, T, D)
-        cos, sin = _rope_tables(self.rotary, x, positions)  # (B, T, 1, d)
+        x = self._embed(ids)  # (B, T, D)
+        tables = self._tables(x, positions)  # each (B, T, 1, d)
         col = torch.arange(T, device=x.device)
-        allowed = mask.bool()[:, None, None, :] & (col[None, :] <= col[:, None])  # (B, 1, T, T): padding, causal
-        allowed |= torch.eye(T, dtype=torch.bool, device=x.device)  # a padding query sees itself: no empty rows, no NaN
+        causal = col[None, :] <= col[:, None]  # (T, T): query row, key column
+        allowed = {}
+        for window in {layer.window for layer in self.layers}:  # padding, causal, and the window where there is one
+            ok = causal if window is None else causal & (col[:, None] - col[None, :] < window)
+            # a padding query sees itself: no empty rows, no NaN
+            allowed[window] = (mask.bool()[:, None, None, :] & ok) | torch.eye(T, dtype=torch.bool, device=x.device)
         for layer in self.layers:
-            heads = F.linear(_rms(x, *layer.ln1), layer.qkv, layer.qkv_bias).view(B, T, nq + 2 * nk, d)
-            q, k = self._qk(layer, heads, cos, sin)
+            heads = F.linear(layer.ln_attn(x), layer.qkv, layer.qkv_bias).view(B, T, nq + 2 * nk, d)
+            q, k = self._qk(layer, heads, *tables[layer.rope_key])
             v = heads.narrow(-2, nq + nk, nk)
             layer.k_cache[:, :, :T] = k.transpose(1, 2)
             layer.v_cache[:, :, :T] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=allowed, scale=self.scaling, enable_gqa=True)
-            x = x + F.linear(out.transpose(1, 2).reshape(B, T, nq * d), layer.o, layer.o_bias)
-            x = x + self._mlp(layer, x)
+            out = self._prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed[layer.window])
+            x = self._block(layer, x, F.linear(out.transpose(1, 2).reshape(B, T, nq * d), layer.o, layer.o_bias))
         self.length = T
-        return F.linear(_rms(x[:, -1], *self.norm), self.head)[:, : self.vocab]
+        return self._logits(x[:, -1])
+
+    def _prefill_attention(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+        """(B, nq, T, d) queries over (B, nk, T, d) keys and values, (B, 1, T, T) bool mask -> (B, nq, T, d)."""
+        if not self.attn_cap:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scaling, enable_gqa=True)
+        # Soft-capping squashes the scores before the mask: no fused kernel does that, so spell it out.
+        group = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = _softcap(q @ k.transpose(-1, -2) * self.scaling, self.attn_cap).masked_fill(~allowed, float("-inf"))
+        return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new (B,) token per row -> (B, V) logits. The hidden state stays (B, D), and attention
@@ -194,27 +299,29 @@ class LeanDecoder:
         B, col = tokens.shape[0], self.length
         end = col + 1
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(tokens, self.embed)  # (B, D)
-        cos, sin = _rope_tables(self.rotary, x, self.positions[:, 0])  # (B, 1, d): broadcasts over heads
-        bias = self.key_bias[:, :, :end]  # (B * nk, 1, S)
+        x = self._embed(tokens)  # (B, D)
+        tables = self._tables(x, self.positions[:, 0])  # each (B, 1, d): broadcasts over heads
         for layer in self.layers:
-            heads = F.linear(_rms(x, *layer.ln1), layer.qkv, layer.qkv_bias).view(B, nq + 2 * nk, d)
-            q, k = self._qk(layer, heads, cos, sin)
+            heads = F.linear(layer.ln_attn(x), layer.qkv, layer.qkv_bias).view(B, nq + 2 * nk, d)
+            q, k = self._qk(layer, heads, *tables[layer.rope_key])
             layer.k_cache[:, :, col] = k
             layer.v_cache[:, :, col] = heads.narrow(-2, nq + nk, nk)
-            keys = layer.k_cache[:, :, :end].view(B * nk, end, d)  # merging (B, nk) needs no copy
-            scores = torch.baddbmm(bias, q.reshape(B * nk, nq // nk, d), keys.transpose(1, 2), alpha=self.scaling)
+            # A sliding-window layer sees the last `window` columns: the same columns for every row.
+            first = 0 if layer.window is None else max(0, end - layer.window)
+            S = end - first
+            keys = layer.k_cache[:, :, first:end].view(B * nk, S, d)  # merging (B, nk) needs no copy
+            values = layer.v_cache[:, :, first:end].view(B * nk, S, d)
+            bias = self.key_bias[:, :, first:end]  # (B * nk, 1, S)
+            queries = q.reshape(B * nk, nq // nk, d)
+            if self.attn_cap:
+                scores = _softcap(torch.bmm(queries, keys.transpose(1, 2)) * self.scaling, self.attn_cap) + bias
+            else:
+                scores = torch.baddbmm(bias, queries, keys.transpose(1, 2), alpha=self.scaling)
             probs = scores.softmax(-1, dtype=torch.float32).to(x.dtype)
-            out = torch.bmm(probs, layer.v_cache[:, :, :end].view(B * nk, end, d)).view(B, nq * d)
-            x = x + F.linear(out, layer.o, layer.o_bias)
-            x = x + self._mlp(layer, x)
+            out = torch.bmm(probs, values).view(B, nq * d)
+            x = self._block(layer, x, F.linear(out, layer.o, layer.o_bias))
         self.length = end
-        return F.linear(_rms(x, *self.norm), self.head)[:, : self.vocab]
-
-    @staticmethod
-    def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(_rms(x, *layer.ln2), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        return self._logits(x)
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Prefill left-padded (B, L) prompts; room for max_new_tokens more. -> (B, V) next-token logits."""

@@ -16,6 +16,7 @@ Both return each row's response token ids, cut after the first EOS (kept).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .decoder import LeanDecoder, unsupported_reason, unwrap
 
@@ -35,18 +36,42 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
     """Sample one token per row from (B, V) logits; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)  # (B, V)
-    order = None
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
     if top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p (always at least one).
-        probs, order = probs.sort(-1, descending=True)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    # Inverse-CDF draw: one uniform per row against the running sum. Exact, and ~30x cheaper on
-    # CPU than torch.multinomial or a Gumbel race, which draw one random number per vocabulary entry.
-    cdf = probs.cumsum(-1, dtype=torch.float64)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # first index with cdf > u
-    return (picked if order is None else order.gather(-1, picked)).squeeze(-1)
+        probs, order = z.softmax(-1).sort(-1, descending=True)
+        weights = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+        return order.gather(-1, _draw(weights, generator)[:, None]).squeeze(-1)
+    return _draw((z - z.amax(-1, keepdim=True)).exp_(), generator)  # unnormalised: the draw scales by the sum
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator, block: int = 1024) -> torch.Tensor:
+    """One index per row of (B, V) non-negative weights, with probability weight / row sum.
+
+    An inverse-CDF draw (one uniform per row against running sums) is exact, and ~30x cheaper on
+    CPU than torch.multinomial or a Gumbel race, which draw one random number per vocabulary entry.
+    It runs in two levels so the float64 running sum covers V / block block masses and one block,
+    not all V entries (Gemma's V = 262k: ~3x cheaper than one cumsum over the row). Each level's
+    target is kept strictly below its total, so the pick always lands on a non-zero weight.
+    """
+    B, V = weights.shape
+    nb = -(-V // block)
+    if nb * block != V:
+        weights = F.pad(weights, (0, nb * block - V))  # zero weights: never picked
+    blocks = weights.view(B, nb, block)
+    cdf = blocks.sum(-1, dtype=torch.float64).cumsum_(-1)  # (B, nb) running block masses
+    zero = cdf.new_zeros(())
+    u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    u = torch.minimum(u, torch.nextafter(cdf[:, -1:], zero))
+    # (B, 1): first block whose running mass exceeds u. The clamps only matter for NaN weights (a diverged
+    # model): some token comes out, and the bake's finiteness checks stop it, as with one-level draws.
+    blk = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)
+    below = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), zero)  # mass before that block
+    inner = blocks.gather(1, blk[:, :, None].expand(B, 1, block)).squeeze(1).cumsum(-1, dtype=torch.float64)
+    rest = torch.minimum(u - below, torch.nextafter(inner[:, -1:], zero))  # (B, 1), inside the block's mass
+    return (blk * block + torch.searchsorted(inner, rest, right=True)).clamp_(max=V - 1).squeeze(-1)
 
 
 def _cut_at_eos(tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:
@@ -158,7 +183,7 @@ class RolloutModel:
 
     Each refresh writes W + scale * B @ A into the copy's weights, so sampling runs on
     ordinary weights: no per-layer adapter work at every decoded token. The copy is a
-    `LeanDecoder` (fused projections, static KV cache) for Llama-family models, else a
+    `LeanDecoder` (fused projections, static KV cache) for Llama- and Gemma-family models, else a
     merged HF model; `reason` says why the lean one wasn't used. The copy may use a
     cheaper dtype than training (bf16 on CPUs with native bf16, as RL frameworks sample
     with vLLM in bf16); the loss is still computed by the training weights at full

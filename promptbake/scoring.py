@@ -66,6 +66,15 @@ class PrefixCache:
 
     Holds only when every teacher input starts with exactly these prefix token ids,
     which `covers` checks row by row; otherwise the caller does full passes.
+    `reason` says why the cache can't be used at all (None when it can), `why_not`
+    why it can't serve a given batch, `miss` why the first batch `covers` refused was
+    refused (the notice a bake prints), and `length` how many tokens each row reuses.
+
+    Sliding-window layers (Gemma 2/3, Mistral) are reused too, inside and beyond the
+    window: the cache keeps every prefix key, and each batch's cache is seeded with all
+    of them, so HF's sliding-window cache layer knows the true number of tokens before
+    the suffix, keeps the last window - 1 of them and masks by absolute position,
+    exactly as a full pass does.
     """
 
     def __init__(self, causal_lm, prefix: list[int]):
@@ -73,23 +82,53 @@ class PrefixCache:
 
         self.prefix = prefix
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.reason = None
+        self.miss: str | None = None
         if len(prefix) < 2:
+            self.reason = (f"the teacher's renders of two different prompts share only {len(prefix)} leading "
+                           f"token{'' if len(prefix) == 1 else 's'}, so there is no system-prompt prefix to reuse")
             return
         cache = DynamicCache(config=causal_lm.config)
-        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-            return  # a sliding window would evict the prefix: full passes only
+        self.reason = cache_reason(cache, causal_lm.config)
+        if self.reason:
+            return
+        for layer in cache.layers:
+            if getattr(layer, "is_sliding", False):
+                layer.activate_past_recording()  # keep all P prefix keys, not only the last window - 1
         ids = torch.tensor([prefix], device=causal_lm.device)
         with torch.no_grad():
             causal_lm.get_decoder()(input_ids=ids, cache=cache, use_cache=True)
-        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers]  # each (1, nk, P, d)
 
     @property
     def usable(self) -> bool:
         return bool(self.layers)
 
-    def covers(self, teacher_prompts: list[list[int]]) -> bool:
+    @property
+    def length(self) -> int:
+        """Tokens per row that the teacher doesn't recompute (0 when the cache is unusable)."""
+        return len(self.prefix) if self.usable else 0
+
+    def why_not(self, teacher_prompts: list[list[int]]) -> str | None:
+        """Why this batch's teacher inputs can't continue from the cache, in words; None when they can."""
+        if not self.usable:
+            return self.reason
         P = len(self.prefix)
-        return self.usable and all(len(t) > P and t[:P] == self.prefix for t in teacher_prompts)
+        for i, t in enumerate(teacher_prompts):
+            if t[:P] != self.prefix:
+                at = next((j for j, (a, b) in enumerate(zip(t, self.prefix)) if a != b), min(len(t), P))
+                return (f"prompt {i + 1}'s teacher input doesn't start with the {P}-token system-prompt prefix "
+                        f"(its token ids differ from token {at + 1}: the chat template or the tokenizer renders "
+                        f"the system prompt differently for it)")
+            if len(t) == P:
+                return f"prompt {i + 1}'s teacher input is the {P}-token system-prompt prefix and nothing after it"
+        return None
+
+    def covers(self, teacher_prompts: list[list[int]]) -> bool:
+        why = self.why_not(teacher_prompts)
+        if why is not None and self.miss is None:
+            self.miss = why
+        return why is None
 
     def expand(self, batch: int, config):
         """A fresh cache holding the prefix for `batch` rows (no copy: `expand` views)."""
@@ -97,6 +136,20 @@ class PrefixCache:
 
         data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.layers]
         return DynamicCache(ddp_cache_data=data, config=config)
+
+
+def cache_reason(cache, config) -> str | None:
+    """Why a saved prefix can't seed this model's cache (None when every layer is a plain or sliding KV cache)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    text = config.get_text_config()
+    if getattr(text, "attention_chunk_size", None) or "chunked_attention" in (getattr(text, "layer_types", None) or ()):
+        # HF keeps chunked layers in sliding-window caches; continuing one from a saved prefix is untested here.
+        return "the model has chunked-attention layers, which promptbake doesn't continue from a saved prefix"
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return f"the model's cache has {type(layer).__name__} layers, which promptbake can't seed with a prefix"
+    return None
 
 
 @torch.no_grad()

@@ -14,13 +14,15 @@ SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_lay
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]  # ragged: left padding matters
 
 
-def _model(kind: str, **over):
+def _model(kind: str, attn_implementation: str | None = None, **over):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if kind == "tiny-gemma3":  # tests/tiny.py's Gemma 3, norms already random
+        return tiny.build_gemma3_model(SMALL["vocab_size"], attn_implementation=attn_implementation, **over)
     torch.manual_seed(0)
     config = AutoConfig.for_model(kind, **{**SMALL, **over})
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # HF initialises biases to 0 and norms to 1: make both count
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+    with torch.no_grad():  # HF initialises biases to 0 and norms to 1 (Gemma: 0 in 1 + w): make both count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.2)
@@ -43,6 +45,17 @@ CASES = {
     "mistral, no window": dict(kind="mistral", sliding_window=None),
     "llama3 rope scaling": dict(kind="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    # Sliding windows shorter than the 13-token sequences below, so the window changes the logits.
+    "mistral, window 4": dict(kind="mistral", sliding_window=4),
+    "qwen2, window 3 on layer 2": dict(kind="qwen2", use_sliding_window=True, sliding_window=3, max_window_layers=1),
+    "gemma3 (window 4, local/global rope, q/k norm, 1 KV head)": dict(kind="tiny-gemma3", sliding_window=4),
+    # HF's Gemma 3 attention ignores attn_logit_softcapping; the decoder must too, and cap the logits.
+    "gemma3, soft-capped logits": dict(kind="tiny-gemma3", sliding_window=4, attn_implementation="eager",
+                                                  attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma2 (window 4, soft-capping)": dict(kind="gemma2", sliding_window=4, head_dim=24, query_pre_attn_scalar=20,
+                                            attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                            attn_implementation="eager"),
+    "gemma (scaled embeddings, GeGLU, 1 + w norms)": dict(kind="gemma", head_dim=24),
 }
 
 
@@ -66,25 +79,40 @@ def test_prefill_and_steps_match_hf_forward(case):
             got = decoder.step(nxt)
 
 
+@torch.no_grad()
+def test_the_sliding_window_is_what_makes_gemma3_match():
+    """A decoder that ignored the window would fail the test above: with the window the logits differ."""
+    windowed, wide = _model("tiny-gemma3", sliding_window=4), _model("tiny-gemma3", sliding_window=64)
+    ids, mask = left_pad(PROMPTS[:1] * 2, 0, "cpu")
+    a, b = LeanDecoder(windowed, torch.float32), LeanDecoder(wide, torch.float32)
+    la, lb = a.start(ids, mask, 4), b.start(ids, mask, 4)
+    assert (la - lb).abs().max() > 1e-3  # the prompt (7 tokens) is longer than the window
+    for _ in range(3):
+        tok = la.argmax(-1)
+        la, lb = a.step(tok), b.step(tok)
+        assert (la - lb).abs().max() > 1e-3
+
+
 def test_unsupported_models_fall_back_to_the_hf_copy_with_a_reason():
     from peft import LoraConfig, get_peft_model
 
-    model = _model("mistral", sliding_window=4)
-    assert unsupported_reason(model) == "sliding-window attention"
-    assert unsupported_reason(_model("gemma")) == "architecture 'gemma'"
+    model = _model("phi")
+    assert unsupported_reason(model) == "architecture 'phi'"
+    assert unsupported_reason(_model("tiny-gemma3", use_bidirectional_attention=True)) == "bidirectional attention"
     peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     ro = RolloutModel(peft, torch.float32)
-    assert ro.reason == "sliding-window attention" and not isinstance(ro.model, LeanDecoder)
+    assert ro.reason == "architecture 'phi'" and not isinstance(ro.model, LeanDecoder)
     kw = dict(max_new_tokens=8, temperature=0.0, top_p=1.0, eos_ids=[-1], pad_id=0)
     g = torch.Generator().manual_seed(0)
     assert sample(ro.model, PROMPTS, generator=g, **kw) == sample_with_generate(peft, PROMPTS, generator=g, **kw)
 
 
+@pytest.mark.parametrize("kind", ["llama", "tiny-gemma3"])
 @pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj,lm_head"])
 @torch.no_grad()
-def test_refresh_writes_merged_lora_into_the_fused_weights(targets):
+def test_refresh_writes_merged_lora_into_the_fused_weights(targets, kind):
     """After the adapter moves, the lean copy's logits are the PEFT model's, on tied embeddings too."""
-    model = _model("llama", tie_word_embeddings=True)
+    model = _model(kind, tie_word_embeddings=True)
     student = add_lora(model, DistillConfig(model="x", prompt="x", lora_targets=targets, lora_rank=4))
     ro = RolloutModel(student, torch.float32)
     assert ro.reason is None and isinstance(ro.model, LeanDecoder)
@@ -97,6 +125,21 @@ def test_refresh_writes_merged_lora_into_the_fused_weights(targets):
     want = student(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
     assert (after - want).abs().max() < 1e-4
     assert (before - want).abs().max() > 1e-2  # the refresh is what made them agree
+
+
+@pytest.mark.parametrize("window", [4, 64])
+def test_gemma3_greedy_tokens_equal_hf_generate(window):
+    """Through RolloutModel with LoRA, past the window: the tokens HF generate picks on the PEFT model."""
+    model = _model("tiny-gemma3", sliding_window=window)
+    student = add_lora(model, DistillConfig(model="x", prompt="x", lora_rank=4))
+    with torch.no_grad():
+        for p in (p for n, p in student.named_parameters() if "lora_B" in n):
+            p.normal_(0, 0.1)
+    ro = RolloutModel(student, torch.float32)
+    assert ro.reason is None and isinstance(ro.model, LeanDecoder)
+    kw = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, eos_ids=[-1], pad_id=0)
+    g = torch.Generator().manual_seed(0)
+    assert sample(ro.model, PROMPTS, generator=g, **kw) == sample_with_generate(student, PROMPTS, generator=g, **kw)
 
 
 def test_bf16_copy_samples_the_same_greedy_tokens_as_fp32(tiny_dir):

@@ -123,3 +123,32 @@ def test_fast_and_generate_sample_the_same_distribution(tiny_dir):
         out = fn(model, ids, generator=torch.Generator().manual_seed(3), **kw)
         freq = torch.bincount(torch.tensor([r[0] for r in out]), minlength=probs.numel()).float() / len(out)
         assert torch.allclose(freq[top], probs[top], atol=0.03), (fn.__name__, freq[top], probs[top])
+
+
+def test_pick_tokens_over_a_big_vocabulary_draws_across_blocks_exactly():
+    """V = 2100 spans three 1024-token blocks (the last one partial): mass on block edges, zeros elsewhere."""
+    V = 2100
+    logits = torch.full((12000, V), float("-inf"))
+    hot = torch.tensor([0, 1023, 1024, 2047, 2048, 2099])
+    logits[:, hot] = torch.tensor([0.5, 1.0, -0.5, 0.0, 2.0, 1.5])
+    p = logits[0].softmax(-1)[hot]
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1.0, 0.5):
+        draws = pick_tokens(logits, temperature, 1.0, g)
+        assert set(draws.tolist()) <= set(hot.tolist())  # never a zero-probability token
+        freq = torch.bincount(draws, minlength=V).float()[hot] / len(draws)
+        want = (logits[0, hot] / temperature).softmax(-1)
+        assert torch.allclose(freq, want, atol=0.015), (temperature, freq, want)
+    assert torch.allclose(p.sum(), torch.tensor(1.0))
+    draws = pick_tokens(logits, 1.0, 0.5, g)  # top_p: the two most likely (2048, 2099) reach 0.5
+    freq = torch.bincount(draws, minlength=V).float()[hot] / len(draws)
+    keep = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    want = torch.where(keep, p, 0.0) / p[keep].sum()
+    assert torch.allclose(freq, want, atol=0.015)
+
+
+def test_pick_tokens_on_nan_logits_returns_ids_in_range():
+    """A diverged model's NaN logits must not crash the draw: the bake's finiteness checks stop it afterwards."""
+    for V in (7, 2100):
+        draws = pick_tokens(torch.full((3, V), float("nan")), 1.0, 1.0, torch.Generator().manual_seed(0))
+        assert draws.shape == (3,) and bool(((draws >= 0) & (draws < V)).all())

@@ -137,7 +137,7 @@ class Evaluator:
         import torch
 
         from promptbake.data import load_prompts
-        from promptbake.eval.measure import spread
+        from promptbake.data import spread
         from promptbake.models import load_config, load_model, load_tokenizer, pick_device_and_dtype, resolve_model
         from promptbake.setup import quiet_libraries
 

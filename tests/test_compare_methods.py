@@ -31,7 +31,8 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
     assert sorted(r["method"] for r in data["runs"]) == ["offpolicy", "opcd", "sft"]
     for r in data["runs"]:
         assert r["prompt"] == "pirate" and r["settings"]["steps"] == 2
-        assert r["reverse_kl"]["base"] > 0 and r["forward_kl"]["base"] > 0 and r["drift"] >= 0
+        assert r["reverse_kl"]["base"] > 0 and r["forward_kl"]["base"] > 0
+        assert r["drift"] > -1e-6  # a KL; float rounding can put an almost-zero one just below 0
         assert set(r["checks"]) == {"says arr", "short"}
         assert all(0 <= v <= 1 for rates in r["checks"].values() for v in rates.values())
         assert r["train_s"] > 0 and r["eval_prompts"] == 3

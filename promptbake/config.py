@@ -21,6 +21,7 @@ from .errors import InputError
 QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
 ROLLOUT_CHOICES = ("fast", "exact", "generate")
 CHECKPOINTING_CHOICES = ("auto", "on", "off")
+METHOD_CHOICES = ("opcd", "offpolicy", "sft")
 EXPORT_CHOICES = ("none", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -117,6 +118,14 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
     )
 
     # Training.
+    method: str = _opt(
+        "opcd",
+        "What the student learns from. opcd: it samples without the system prompt and learns the exact reverse "
+        "KL(student || teacher) on its own samples (on-policy context distillation). offpolicy: the prompted teacher "
+        "samples and the student learns the forward KL(teacher || student) on those samples. sft: cross-entropy on "
+        "the prompted teacher's samples. The held-out KL is the reverse KL on student samples for every method.",
+        choices=METHOD_CHOICES,
+    )
     steps: int = _opt(30, "Optimizer steps; each samples a fresh batch of prompts.")
     lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights (constant, no warm-up).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold for student rollouts (1 = off).")
@@ -139,7 +148,10 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
     )
 
     # Loss and speed.
-    kl_topk: int = _opt(0, "0: exact reverse KL over the full vocabulary. K>0: sum over the student's top-K tokens.")
+    kl_topk: int = _opt(
+        0, "0: exact KL over the full vocabulary. K>0: sum over the sampling model's top-K tokens (the student's for "
+        "opcd and the held-out KL, the teacher's for offpolicy)."
+    )
     rollout: str = _opt(
         "fast",
         "Sampler. fast: own decode loop on a merged copy of the weights (bf16 on CPUs that have it). "

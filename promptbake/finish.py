@@ -95,6 +95,7 @@ def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict) -> 
         **({"base_model_path": str(Path(cfg.model).resolve())} if Path(cfg.model).exists() else {}),
         "base_fingerprint": run.fingerprints["model"],
         "teacher_model": cfg.teacher or cfg.model,
+        "method": cfg.method,  # what the student learned from (config.METHOD_CHOICES)
         "system_prompt_sha256": sha256_text(inputs.system),
         **({"system_prompt": inputs.system} if cfg.record_prompt else {}),  # confidential unless asked
         # Prompt tokens a deployed request no longer carries: teacher input minus student input.

@@ -58,11 +58,84 @@ class _ExactReverseKL(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
-def token_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) at each position, (..., V) -> (...,), exact over the vocabulary."""
+def token_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, topk: int = 0) -> torch.Tensor:
+    """KL(teacher || student) at each position: the off-policy baseline's loss on teacher samples.
+
+    Args:
+        student_logits: (..., V), may carry gradient.
+        teacher_logits: (..., V), treated as a constant.
+        topk: 0 sums over the whole vocabulary (exact). K > 0 sums over the teacher's K most
+            likely tokens without renormalising (the mirror image of `token_reverse_kl`'s top-K).
+    Returns:
+        (...,) float32 per-position KL.
+    """
+    if not topk:
+        return _ExactForwardKL.apply(student_logits, teacher_logits.detach())
     log_s = student_logits.float().log_softmax(-1)
     log_t = teacher_logits.detach().float().log_softmax(-1)
+    idx = log_t.topk(topk, dim=-1).indices
+    log_s, log_t = log_s.gather(-1, idx), log_t.gather(-1, idx)
     return (log_t.exp() * (log_t - log_s)).sum(-1)
+
+
+class _ExactForwardKL(torch.autograd.Function):
+    """Full-vocabulary KL(t || s) with a hand-written gradient that keeps one (n, V) tensor alive.
+
+    d KL / d z_j = p_s,j - p_t,j, with z the student's logits: the forward saves exactly that
+    difference and nothing else (autograd would keep log p_s, p_t and the product).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits):
+        log_s = student_logits.float().log_softmax(-1)  # (..., V)
+        log_t = teacher_logits.float().log_softmax(-1)  # (..., V)
+        p_t = log_t.exp()
+        kl = torch.einsum("...v,...v->...", p_t, log_t.sub_(log_s))  # (...,); log_t now holds log p_t - log p_s
+        del log_t
+        ctx.save_for_backward(log_s.exp_().sub_(p_t))  # p_s - p_t, in log_s's buffer
+        ctx.dtype = student_logits.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        (diff,) = ctx.saved_tensors
+        return diff.mul_(grad_kl.unsqueeze(-1)).to(ctx.dtype), None
+
+
+def token_cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p_s(target) at each position: the SFT baseline's loss on the teacher's sampled tokens.
+
+    Args:
+        student_logits: (..., V), may carry gradient.
+        targets: (...,) token ids.
+    Returns:
+        (...,) float32 per-position cross-entropy.
+    """
+    import torch.nn.functional as F
+
+    flat = student_logits.float().reshape(-1, student_logits.shape[-1])  # (n, V)
+    return F.cross_entropy(flat, targets.reshape(-1), reduction="none").reshape(targets.shape)
+
+
+def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def forward_kl_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, topk: int = 0
+) -> torch.Tensor:
+    """Token-mean forward KL(teacher || student) over the unmasked positions; shapes as `reverse_kl_loss`."""
+    return _masked_mean(token_forward_kl(student_logits, teacher_logits, topk), mask)
+
+
+def cross_entropy_loss(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy over the unmasked positions.
+
+    Args:
+        student_logits: (B, T, V); targets: (B, T) ids; mask: (B, T) bool (padding False).
+    """
+    return _masked_mean(token_cross_entropy(student_logits, targets), mask)
 
 
 def reverse_kl_loss(
@@ -76,9 +149,7 @@ def reverse_kl_loss(
     Returns:
         scalar; 0 when nothing is unmasked.
     """
-    kl = token_reverse_kl(student_logits, teacher_logits, topk)  # (B, T)
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return _masked_mean(token_reverse_kl(student_logits, teacher_logits, topk), mask)  # (B, T) -> scalar
 
 
 def chunked_kl(

@@ -4,6 +4,13 @@ A method turns a batch into gradients on the LoRA weights and says what it measu
 the loop (train.py) owns everything else: batches, seeds, clipping, the optimizer
 update, checkpoints and the step log. A new method is one class with a `step` here
 and a line in `METHODS`.
+
+    opcd       student samples (no system prompt); reverse KL(student || teacher) on them
+    offpolicy  prompted teacher samples; forward KL(teacher || student) on them
+    sft        prompted teacher samples; cross-entropy of the student on the sampled tokens
+
+Every method's student pass goes through `student_backward`, the one place the
+student's forward and backward run.
 """
 
 from __future__ import annotations
@@ -11,17 +18,18 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .data import Messages
-from .losses import backward_in_chunks, token_reverse_kl
+from .losses import backward_in_chunks, token_cross_entropy, token_forward_kl, token_reverse_kl
 from .pair import Rollout, StudentTeacher
 
 
 @dataclass
 class StepStats:
-    loss: float  # the method's token-mean loss on this batch (for OPCD: reverse KL per token)
+    loss: float  # the method's token-mean loss on this batch (its `loss_name`)
     tokens: int  # response tokens trained on
     rollout_tokens: int  # tokens sampled this step (the tokens/s figure)
 
@@ -50,6 +58,7 @@ class OPCD:
     prompted teacher scores those tokens, and the loss is the exact reverse KL(student || teacher)."""
 
     name = "opcd"
+    loss_name = "reverse KL"
 
     def __init__(self, pair: StudentTeacher):
         self.pair = pair
@@ -73,14 +82,63 @@ class OPCD:
         )
 
 
-def student_backward(pair: StudentTeacher, ro: Rollout, token_loss, *, scale: float) -> torch.Tensor:
-    """Backpropagate `scale * sum(token_loss)` over the rollout's N response tokens into the LoRA weights.
+class OffPolicy:
+    """Off-policy context distillation (the Prompt Baking baseline): the prompted teacher samples,
+    and the student learns the exact forward KL(teacher || student) at those tokens."""
 
-    token_loss(logits (n, V), rows: slice of the N tokens) -> (n,) per-token loss.
+    name = "offpolicy"
+    loss_name = "forward KL"
+
+    def __init__(self, pair: StudentTeacher):
+        self.pair = pair
+
+    def step(self, batch: list[Messages], generator: torch.Generator, timer: PhaseTimer) -> StepStats:
+        pair = self.pair
+        with timer("rollout"):
+            ro = pair.teacher_rollout(batch, generator)  # prompted teacher samples, frozen weights
+        with timer("teacher"):
+            t_hidden = pair.teacher_states(ro)  # (N, H), no grad, prefix cache as in OPCD
+        with timer("student"):
+            kl = student_backward(
+                pair, ro,
+                lambda logits, rows: token_forward_kl(logits, _no_grad(pair.teacher_head, t_hidden[rows]),
+                                                      pair.kl_topk),
+            )  # (N,)
+        return StepStats(loss=kl.mean().item(), tokens=ro.n_tokens, rollout_tokens=ro.n_tokens)
+
+
+class SFT:
+    """Supervised fine-tuning on the prompted teacher's answers: cross-entropy of the student
+    (no system prompt) on the tokens the teacher sampled. Needs no teacher forward pass."""
+
+    name = "sft"
+    loss_name = "cross-entropy"
+
+    def __init__(self, pair: StudentTeacher):
+        self.pair = pair
+
+    def step(self, batch: list[Messages], generator: torch.Generator, timer: PhaseTimer) -> StepStats:
+        pair = self.pair
+        with timer("rollout"):
+            ro = pair.teacher_rollout(batch, generator)
+        targets = torch.tensor([t for r in ro.responses for t in r], dtype=torch.long,
+                               device=pair.student.device)  # (N,), in the token order of the hidden states
+        with timer("student"):
+            ce = student_backward(pair, ro, lambda logits, rows: token_cross_entropy(logits, targets[rows]))  # (N,)
+        return StepStats(loss=ce.mean().item(), tokens=ro.n_tokens, rollout_tokens=ro.n_tokens)
+
+
+def student_backward(pair: StudentTeacher, ro: Rollout, token_loss: Callable[[torch.Tensor, slice], torch.Tensor],
+                     *, scale: float | None = None) -> torch.Tensor:
+    """The student's forward and backward for every method: backpropagate `scale * sum(token_loss)` over
+    the rollout's N response tokens into the LoRA weights (scale: 1 / N by default, the token-mean).
+
+    token_loss(student logits (n, V), rows: slice of the N tokens) -> (n,) per-token loss.
     The student pass and its backward run `pair.micro_batch_size` rollouts at a time (all at once
     when None): gradients add up in the LoRA weights and `scale` is the whole batch's, so the
     optimizer sees the same gradient as from one pass. Returns the (N,) per-token loss, detached.
     """
+    scale = 1.0 / max(ro.n_tokens, 1) if scale is None else scale
     out, start = [], 0
     for part in ro.split(pair.micro_batch_size):
         s_hidden = pair.student_states(part)  # (n, H), graph through the LoRA weights
@@ -103,4 +161,4 @@ def _no_grad(head, hidden: torch.Tensor) -> torch.Tensor:
         return head(hidden)
 
 
-METHODS = {OPCD.name: OPCD}
+METHODS = {m.name: m for m in (OPCD, OffPolicy, SFT)}

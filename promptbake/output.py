@@ -269,8 +269,23 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+# How each --method trained the adapter, for the model card.
+METHOD_TEXT = {
+    "opcd": "on-policy context distillation (`--method opcd`): a LoRA adapter was trained on the token-level "
+            "reverse KL between the model without the system prompt (student), on its own samples, and the same "
+            "model with it (teacher)",
+    "offpolicy": "off-policy context distillation (`--method offpolicy`): the model with the system prompt "
+                 "(teacher) sampled answers, and a LoRA adapter was trained on the token-level forward KL from "
+                 "the teacher to the model without the prompt (student) on those answers",
+    "sft": "supervised fine-tuning on the prompted model's answers (`--method sft`): the model with the system "
+           "prompt sampled answers, and a LoRA adapter was trained on the cross-entropy of the model without "
+           "the prompt on those answers",
+}
+
+
 def write_model_card(folder: Path, record: dict) -> None:
     r = record["results"]
+    method = record.get("method", "opcd")
     before, after = r.get("heldout_kl_before"), r.get("heldout_kl_after")
     figures = ""
     if before is not None and after is not None:
@@ -290,9 +305,7 @@ tags:
 # Baked model
 
 This checkpoint is `{record["base_model"]}` with a system prompt baked into its weights by
-[promptbake](https://pypi.org/project/promptbake/) using on-policy context distillation
-(OPCD): a LoRA adapter was trained on the token-level reverse KL between the model without
-the system prompt (student) and the same model with it (teacher), then merged into the
+[promptbake](https://pypi.org/project/promptbake/) using {METHOD_TEXT[method]}, then merged into the
 full-precision base. Use it with **no system prompt**.
 
 {stored}; its SHA-256 is

@@ -3,7 +3,8 @@
 student = base + LoRA adapter, no system prompt.
 teacher = base with the adapter disabled (or a separate --teacher model), system prompt in context.
 
-`StudentTeacher` draws student rollouts and runs the forward passes the training
+`StudentTeacher` draws student rollouts (and, for the off-policy baselines, prompted
+teacher samples from the frozen weights) and runs the forward passes the training
 methods and the held-out measurement need: teacher hidden states (no gradient,
 from the cached system-prompt prefix where it applies), student hidden states
 (with gradient), and the LM heads that turn either into logits.
@@ -19,12 +20,15 @@ import torch
 from .data import Messages
 from .losses import chunked_kl
 from .render import Renderer
-from .samplers import SamplingArgs, make_sampler
+from .samplers import Sampler, SamplingArgs, make_sampler, make_teacher_sampler
 from .scoring import PrefixCache, logits_fn, response_hidden, teacher_hidden
 
 
 @dataclass
 class Rollout:
+    """Sampled responses with both renders of their prompts; `responses` come from the student
+    (`rollout`) or from the prompted teacher (`teacher_rollout`), the other fields are the same."""
+
     prompts: list[Messages]
     student_ids: list[list[int]]
     teacher_ids: list[list[int]]
@@ -74,6 +78,8 @@ class StudentTeacher:
         self.sampling = SamplingArgs.for_model(self.tok, student, max_new_tokens=max_new_tokens,
                                                temperature=temperature, top_p=top_p)
         self.sampler = make_sampler(rollout, student, self.sampling, quantised=quantised)
+        self.rollout_mode = rollout
+        self._teacher_sampler: Sampler | None = None  # built on first use: only the off-policy methods sample it
         base = student.get_base_model()
         if gradient_checkpointing:
             _checkpoint_layers(base)
@@ -100,6 +106,24 @@ class StudentTeacher:
         teacher_ids = [self.renderer.teacher_ids(m) for m in prompts]
         self.sampler.refresh()
         responses = self.sampler.sample(student_ids, generator)
+        return Rollout(prompts, student_ids, teacher_ids, responses)
+
+    @property
+    def teacher_sampler(self) -> Sampler:
+        if self._teacher_sampler is None:
+            self._teacher_sampler = make_teacher_sampler(self.rollout_mode, self.student, self.sampling,
+                                                         teacher=self.teacher, quantised=self.quantised)
+        return self._teacher_sampler
+
+    def teacher_rollout(self, prompts: list[Messages], generator: torch.Generator) -> Rollout:
+        """Sample one response per prompt from the prompted teacher (frozen weights, system prompt in context).
+
+        The same sampling settings as the student's rollout; the draw depends only on the
+        generator's seed, so a resumed bake samples exactly what an uninterrupted one did.
+        """
+        student_ids = [self.renderer.student_ids(m) for m in prompts]
+        teacher_ids = [self.renderer.teacher_ids(m) for m in prompts]
+        responses = self.teacher_sampler.sample(teacher_ids, generator)
         return Rollout(prompts, student_ids, teacher_ids, responses)
 
     def teacher_states(self, ro: Rollout) -> torch.Tensor:

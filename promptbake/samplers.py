@@ -96,6 +96,48 @@ class MergedCopySampler:
         return sample(self.copy.model, prompts, generator=generator, **self.args.kwargs())
 
 
+class FrozenSampler:
+    """promptbake's own loop on weights that never change (the teacher): built once, never refreshed.
+
+    `model` is a `LeanDecoder` over the base layers' own weights where the architecture allows
+    (it reads past a PEFT model's LoRA wrappers, so it is the adapter-off teacher), else the
+    causal LM, sampled inside `context()` (peft's `disable_adapter()` for the student's own base).
+    """
+
+    def __init__(self, model, args: SamplingArgs, description: str, context=None):
+        import contextlib
+
+        self.model, self.args, self.description = model, args, description
+        self.context = context or contextlib.nullcontext
+
+    def refresh(self) -> None:
+        pass  # frozen weights: nothing to rewrite
+
+    def sample(self, prompts, generator):
+        with self.context():
+            if hasattr(self.model, "eval"):
+                self.model.eval()
+            return sample(self.model, prompts, generator=generator, **self.args.kwargs())
+
+
+def make_teacher_sampler(mode: str, peft_model, args: SamplingArgs, *, teacher=None, quantised: bool) -> Sampler:
+    """The prompted teacher's sampler for --rollout `mode`: the frozen base with the adapter off, or `teacher`.
+
+    Its weights never change, so unlike the student's it needs no merge refresh. `generate`
+    keeps the own loop here: Hugging Face generate is only the student's debugging path.
+    """
+    from .decoder import LeanDecoder, unsupported_reason
+
+    lm = teacher if teacher is not None else peft_model.get_base_model()
+    adapter_off = None if teacher is not None else peft_model.disable_adapter
+    param = next(lm.parameters())
+    if mode == "fast" and not quantised and unsupported_reason(lm) is None:
+        dtype = rollout_dtype(param.dtype, param.device)
+        return FrozenSampler(LeanDecoder(lm, dtype), args, f"LeanDecoder on the frozen teacher, "
+                             f"{str(dtype).removeprefix('torch.')}")
+    return FrozenSampler(lm, args, "own loop on the frozen teacher", adapter_off)
+
+
 def make_sampler(mode: str, peft_model, args: SamplingArgs, *, quantised: bool) -> Sampler:
     """The student's sampler for --rollout `mode` (fast / exact / generate)."""
     if mode == "generate":

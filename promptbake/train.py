@@ -1,4 +1,4 @@
-"""The training loop: one method step per fresh batch, then clip, update, log and checkpoint.
+"""The training loop: one method step (--method) per fresh batch, then clip, update, log and checkpoint.
 
 Batches and seeds are pure functions of (seed, step), so a bake resumed from its work
 folder ends with exactly the adapter an uninterrupted one would have.
@@ -26,13 +26,13 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
     """Run steps run.work has not done yet, up to cfg.steps; checkpoints go to the work folder."""
     import torch
 
-    method = METHODS["opcd"](run.pair)
+    method = METHODS[cfg.method](run.pair)
     cuda = run.device.type == "cuda"
     params, optimizer = run.params, run.optimizer
     # `progress` starts after the last checkpoint, saves new ones, and turns Ctrl-C / SIGTERM
     # into a checkpoint and a clean exit.
     with (run.work.training(run.student, optimizer, steps=cfg.steps, save_every=cfg.save_every) as progress,
-          StepLog(console, cfg.steps, progress.done) as log):
+          StepLog(console, cfg.steps, progress.done, method.loss_name) as log):
         for step in range(progress.done + 1, cfg.steps + 1):
             batch = [run.train[i] for i in batch_indices(len(run.train), cfg.batch_size, step, cfg.seed)]
             torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout
@@ -64,12 +64,14 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
 
 def step_row(step: int, stats, grad_norm: float, seconds: dict[str, float], lr: float,
              peak_memory_mib: float | None = None) -> dict:
-    """The metrics.jsonl row of a finished step; on CUDA with the step's peak allocated GPU memory."""
+    """The metrics.jsonl row of a finished step; on CUDA with the step's peak allocated GPU memory.
+    "kl" is the method's training loss (reverse KL for opcd, forward KL for offpolicy, cross-entropy
+    for sft: the bake's --method says which)."""
     total = sum(seconds.values())
     row = {
         "step": step, "kl": round(stats.loss, 6), "response_tokens": stats.tokens,
         "tokens_per_s": round(stats.rollout_tokens / seconds["rollout"], 2), "grad_norm": round(grad_norm, 6),
-        "rollout_s": round(seconds["rollout"], 3), "teacher_s": round(seconds["teacher"], 3),
+        "rollout_s": round(seconds["rollout"], 3), "teacher_s": round(seconds.get("teacher", 0.0), 3),
         "student_s": round(seconds["student"], 3), "optim_s": round(seconds["optim"], 3), "step_s": round(total, 3),
         "lr": lr,
     }
@@ -156,8 +158,8 @@ def diverged(what: str, cfg: DistillConfig, kept: str) -> TrainingError:
 class StepLog:
     """A live progress bar on a terminal; one plain line per step elsewhere (CI logs)."""
 
-    def __init__(self, console: Console, steps: int, done: int = 0):
-        self.console, self.steps = console, steps
+    def __init__(self, console: Console, steps: int, done: int = 0, loss_name: str = "reverse KL"):
+        self.console, self.steps, self.loss_name = console, steps, loss_name
         self.progress = None
         if console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -179,7 +181,7 @@ class StepLog:
             self.progress.__exit__(*exc)
 
     def step(self, row: dict) -> None:
-        info = f"KL/token {row['kl']:.4f}  {row['tokens_per_s']:.0f} tok/s  {row['step_s']:.1f} s/step"
+        info = f"{self.loss_name}/token {row['kl']:.4f}  {row['tokens_per_s']:.0f} tok/s  {row['step_s']:.1f} s/step"
         if self.progress:
             self.progress.update(self.task, advance=1, info=info)
         else:

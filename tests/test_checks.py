@@ -46,6 +46,7 @@ def test_bundled_checks_load_and_tell_following_from_ignoring():
         "json": ('{"answer": "steam", "confidence": 0.9}', "Steam, I think."),
         "support": ("Try restarting it.\n\n— Lumora Support", "Try restarting it."),
         "expert": ("Water turns to steam.\n<answer>steam</answer>", "Water turns to steam."),
+        "french": ("Le maïs éclate parce que l'eau devient vapeur, c'est simple.", "Popcorn pops because of steam."),
     }
     for name, (good, bad) in follows.items():
         checks = load_checks(system / f"{name}.checks.toml")

@@ -289,7 +289,7 @@ def test_bundled_sets_load_from_an_installed_package(tmp_path):
 
 
 # A plain answer that ignores every example system prompt: no pirate words, no JSON, no answer tag,
-# no sign-off, and longer than "concise" allows.
+# no sign-off, no French, and longer than "concise" allows.
 PLAIN = ("Paris is the capital of France. It has been the country's political and cultural centre for "
          "centuries, and today it is home to the national government, the president's official residence, "
          "and many of the most visited museums in the world, including the Louvre and the Musée d'Orsay, "
@@ -324,7 +324,7 @@ def passes(check: dict, text: str) -> bool | None:
 def test_every_example_system_prompt_has_checks_that_a_plain_answer_fails():
     tomllib = pytest.importorskip("tomllib")
     prompts = sorted((bundled_dir() / "system").glob("*.txt"))
-    assert [p.stem for p in prompts] == ["concise", "expert", "json", "pirate", "support"]
+    assert [p.stem for p in prompts] == ["concise", "expert", "french", "json", "pirate", "support"]
     for path in prompts:
         checks = tomllib.loads(path.with_name(f"{path.stem}.checks.toml").read_text(encoding="utf-8"))["check"]
         names = [c["name"] for c in checks]

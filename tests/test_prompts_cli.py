@@ -26,7 +26,7 @@ def test_prompts_lists_the_bundled_sets_and_example_system_prompts():
     lines = result.stdout.splitlines()
     for name in ("default", "eval", "ood"):
         assert any(line.startswith(f"│ {name} ") and f" {len(load_prompts(name))} │" in line for line in lines), name
-    for name in ("concise", "expert", "json", "pirate", "support"):
+    for name in ("concise", "expert", "french", "json", "pirate", "support"):
         assert any(f"system/{name}.txt" in line for line in lines), name
 
 

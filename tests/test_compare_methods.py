@@ -1,0 +1,68 @@
+"""Smoke test: the method comparison runs one tiny configuration end to end (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import tiny
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_methods.py"
+CHECKS = '[[check]]\nname = "says arr"\nregex = "(?i)arr"\n\n[[check]]\nname = "short"\nmax_words = 30\n'
+
+
+def compare(*args, timeout=900):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_compare_methods_smoke(tiny_dir, tmp_path):
+    system = tmp_path / "pirate.txt"
+    system.write_text("Talk like a pirate and say arr.", encoding="utf-8")
+    (tmp_path / "pirate.checks.toml").write_text(CHECKS, encoding="utf-8")
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(tiny.CORPUS + [f"Tell me fact {i}." for i in range(8)]) + "\n", encoding="utf-8")
+    out = tmp_path / "results"
+    args = ["--model", str(tiny_dir), "--examples", "none", "--prompt", str(system), "--train-prompts", str(train),
+            "--seeds", "0", "--steps", "2", "--batch-size", "2", "--max-new-tokens", "6", "--eval-prompts", "3",
+            "--ood-prompts", "2", "--out", str(out)]
+    result = compare(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert sorted(r["method"] for r in data["runs"]) == ["offpolicy", "opcd", "sft"]
+    for r in data["runs"]:
+        assert r["prompt"] == "pirate" and r["settings"]["steps"] == 2
+        assert r["reverse_kl"]["base"] > 0 and r["forward_kl"]["base"] > 0
+        assert r["drift"] > -1e-6  # a KL; float rounding can put an almost-zero one just below 0
+        assert set(r["checks"]) == {"says arr", "short"}
+        assert all(0 <= v <= 1 for rates in r["checks"].values() for v in rates.values())
+        assert r["train_s"] > 0 and r["eval_prompts"] == 3
+    ref = data["reference"]["pirate@6"]
+    assert set(ref["checks"]) == {"says arr", "short"}
+    md = (out / "results.md").read_text()
+    assert "| pirate | opcd |" in md and "Can each check tell the prompted teacher from the base?" in md
+    assert "gap closed" in result.stdout and "offpolicy" in result.stdout
+
+    # A rerun with the same --out keeps the bakes it has and adds only the new seed; two seeds show a spread.
+    again = compare(*[a if a != "0" else "0,1" for a in args[:-2]], "--methods", "sft", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 4 and sorted(r["seed"] for r in runs if r["method"] == "sft") == [0, 1]
+    sft_row = next(line for line in again.stdout.splitlines() if line.startswith("pirate") and " sft " in line)
+    assert " 2 " in sft_row and "±" in sft_row  # two seeds, with their spread
+
+    # --rescore re-applies an edited checks file to the kept answers, baking nothing.
+    (tmp_path / "pirate.checks.toml").write_text('[[check]]\nname = "any text"\nregex = "."\n', encoding="utf-8")
+    rescored = compare("--rescore", "--out", str(out))
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert all(set(r["checks"]) == {"any text"} for r in data["runs"])
+    assert set(data["reference"]["pirate@6"]["checks"]) == {"any text"}
+
+
+def test_compare_methods_bad_input(tmp_path):
+    result = compare("--methods", "opcd,dpo", "--out", str(tmp_path / "r"), timeout=120)
+    assert result.returncode == 2 and "error: --methods: unknown dpo" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = compare("--sweep", "colour=red", "--out", str(tmp_path / "r"), timeout=120)
+    assert result.returncode == 2 and "error: --sweep 'colour=red'" in result.stderr
+    assert not (tmp_path / "r").exists()

@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from .bakekey import BakeKey, bake_key, check_out
 from .checkpoint import WorkFolder, run_settings
 from .checks import Check, checks_for
 from .config import DistillConfig
@@ -23,7 +24,6 @@ from .data import Messages, PromptSet, load_prompt_set, read_system_prompt, spli
 from .errors import ContextTooLongError, InputError
 from .models import (ModelSource, check_tokenizers_match, context_length, load_config, load_model, load_tokenizer,
                      pick_device_and_dtype, resolve_model, resolve_quant)
-from .output import check_output
 from .render import Renderer
 
 
@@ -37,19 +37,30 @@ class Inputs:
     template: str | None
     src: ModelSource
     teacher_src: ModelSource | None
+    key: BakeKey  # what decides the weights; recorded, and compared with what --out holds
+    out_status: str  # bakekey.compare: absent, up_to_date or different
+    out_why: str  # that status in words
+    replace_out: bool  # publishing may replace --out (--overwrite, or --force on this same bake)
+
+    @property
+    def up_to_date(self) -> bool:
+        """--out already holds this bake and --force wasn't given: distill has nothing to do."""
+        return self.out_status == "up_to_date" and not self.replace_out
 
 
-def read_inputs(cfg: DistillConfig) -> Inputs:
+def read_inputs(cfg: DistillConfig, *, force: bool = False) -> Inputs:
     cfg.validate()
     system = read_system_prompt(cfg.prompt)
     prompt_set = load_prompt_set(cfg.prompts, prompt_field=cfg.prompt_field, split=cfg.split,
                                  max_prompts=cfg.max_prompts, seed=cfg.seed)
     checks = checks_for(cfg.checks, cfg.prompt, cfg.min_pass_rate) if cfg.eval else []
-    check_output(cfg.out, cfg.overwrite)
     template = read_template(cfg.chat_template)
     src = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
     teacher_src = resolve_model(cfg.teacher, "teacher model", allow_pickle=cfg.allow_pickle) if cfg.teacher else None
-    return Inputs(system, prompt_set, checks, template, src, teacher_src)
+    key = bake_key(cfg, system=system, prompts=prompt_set.prompts, template=template, src=src,
+                   teacher_src=teacher_src, checks=checks)
+    status, why, replace_out = check_out(cfg, key, force=force)  # the output checks (check_output) run here
+    return Inputs(system, prompt_set, checks, template, src, teacher_src, key, status, why, replace_out)
 
 
 @dataclass
@@ -85,6 +96,26 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
                             quant=quant, dtype=dtype)
     work = WorkFolder.open(cfg.out, settings, steps=cfg.steps, resume=cfg.resume, console=console)
     trust = cfg.trust_remote_code
+    tok, renderer, config, prompt_set, train, heldout, vocab = read_model_files(cfg, inputs, console)
+
+    console.print(f"loading {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}, quant {quant})")
+    torch.manual_seed(cfg.seed)  # the LoRA init
+    load = dict(quant=quant, device=device, dtype=dtype, trust_remote_code=trust)
+    student = add_lora(load_model(inputs.src, **load), cfg)
+    teacher = load_model(inputs.teacher_src, **load) if inputs.teacher_src else None
+    pair = build_pair(student, renderer, cfg, vocab=vocab, quant=quant, teacher=teacher)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    return Run(device, dtype, quant, work, tok, renderer, config, prompt_set, train, heldout, student, pair,
+               params, optimizer)
+
+
+def read_model_files(cfg: DistillConfig, inputs: Inputs, console: Console):
+    """Tokenizer, renders and config, and every check that needs them but not the weights (`plan` stops here).
+
+    Returns (tok, renderer, config, prompt_set after the context filter, train, heldout, vocab).
+    """
+    trust = cfg.trust_remote_code
     tok = load_tokenizer(inputs.src, chat_template=inputs.template, trust_remote_code=trust)
     renderer = Renderer(tok, inputs.system, cfg.model)
     if not renderer.system_role:
@@ -101,17 +132,7 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
         teacher_tok = load_tokenizer(inputs.teacher_src, chat_template=inputs.template, trust_remote_code=trust)
         teacher_config = load_config(inputs.teacher_src, trust_remote_code=trust)
         vocab = check_tokenizers_match(tok, teacher_tok, vocab, teacher_config.get_text_config().vocab_size)
-
-    console.print(f"loading {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}, quant {quant})")
-    torch.manual_seed(cfg.seed)  # the LoRA init
-    load = dict(quant=quant, device=device, dtype=dtype, trust_remote_code=trust)
-    student = add_lora(load_model(inputs.src, **load), cfg)
-    teacher = load_model(inputs.teacher_src, **load) if inputs.teacher_src else None
-    pair = build_pair(student, renderer, cfg, vocab=vocab, quant=quant, teacher=teacher)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    return Run(device, dtype, quant, work, tok, renderer, config, prompt_set, train, heldout, student, pair,
-               params, optimizer)
+    return tok, renderer, config, prompt_set, train, heldout, vocab
 
 
 def add_lora(base, cfg: DistillConfig):

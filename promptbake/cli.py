@@ -19,7 +19,6 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -86,11 +85,11 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Interrupted as err:
-        err_console.print(f"[bold red]interrupted:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]interrupted:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         _FAILURE.update(error=f"interrupted: {err}")
         raise typer.Exit(err.exit_code) from None
     except PromptbakeError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # [table] isn't markup
         _FAILURE.update(error=f"error: {err}")
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt as err:
@@ -135,6 +134,7 @@ _CI_HELP = {
 
 @dataclass
 class _CI:
+    ctx: typer.Context
     config: Path | None
     json: bool
     force: bool
@@ -147,7 +147,8 @@ def _ci_parameters(command: str) -> list[inspect.Parameter]:
                                  annotation=Annotated[Optional[annotation] if annotation is not bool else bool,
                                                       typer.Option(flag(name), help=_CI_HELP[help_key or name])])
 
-    params = [option("config", Path)]
+    # typer passes the click context to a parameter typed typer.Context: it tells which flags were typed.
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context), option("config", Path)]
     if command in ("distill", "eval", "plan"):
         params.append(option("json", bool))
     if command in ("distill", "plan"):
@@ -158,23 +159,24 @@ def _ci_parameters(command: str) -> list[inspect.Parameter]:
 def _ci_options(options: dict, command: str) -> _CI:
     """Take the options _ci_parameters added out of `options` (what is left are the config's fields)."""
     force = options.pop("force", False) if command in ("distill", "plan") else False
-    return _CI(options.pop("config", None), options.pop("json", False), force)
+    return _CI(options.pop("ctx"), options.pop("config", None), options.pop("json", False), force)
 
 
-def _from_config(cls, command: str, options: dict, config: Path | None):
+def _from_config(cls, command: str, options: dict, ci: _CI):
     """cls(...) from the flags, with --config's values for every option not given on the command line."""
-    from click.core import ParameterSource
-
     from .configfile import load_settings
 
     values = _options(options)
-    if config is not None:
-        ctx = click.get_current_context()
-        given = {name for name in options
-                 if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT,
-                                                       ParameterSource.PROMPT)}
-        values.update({k: v for k, v in _run(load_settings, config, command).items() if k not in given})
+    if ci.config is not None:
+        typed = {name for name in options if _source(ci.ctx, name) in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")}
+        values.update({k: v for k, v in _run(load_settings, ci.config, command).items() if k not in typed})
     return cls(**values)
+
+
+def _source(ctx: typer.Context, name: str) -> str | None:
+    """Where click took an option's value from (COMMANDLINE, DEFAULT, ...)."""
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else None
 
 
 @contextlib.contextmanager
@@ -185,7 +187,7 @@ def _json_result(command: str, enabled: bool):
     code = 0
     try:
         yield result
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         code = done.exit_code
         raise
     except Exception as err:  # a bug: still a JSON answer, then the traceback
@@ -240,7 +242,7 @@ def plan_command(**options):
 
     ci = _ci_options(options, "plan")
     with _json_result("plan", ci.json) as result:
-        cfg = _from_config(DistillConfig, "plan", options, ci.config)
+        cfg = _from_config(DistillConfig, "plan", options, ci)
         plan = _run(make_plan, cfg, err_console, force=ci.force)
         print_plan(plan, err_console if ci.json else Console())
         result.update(plan.to_json())
@@ -258,7 +260,7 @@ def distill_command(**options):
 
     ci = _ci_options(options, "distill")
     with _json_result("distill", ci.json) as result:
-        cfg = _from_config(DistillConfig, "distill", options, ci.config)
+        cfg = _from_config(DistillConfig, "distill", options, ci)
         baked = _run(distill, cfg, err_console, force=ci.force)
         result.update(distill_json(baked))
         _gates((baked.record["results"].get("eval") or {}).get("gates", []))
@@ -352,7 +354,7 @@ def eval_command(**options):
     """
     ci = _ci_options(options, "eval")
     with _json_result("eval", ci.json) as result:
-        cfg = _from_config(EvalConfig, "eval", options, ci.config)
+        cfg = _from_config(EvalConfig, "eval", options, ci)
         report = _run(evaluate, cfg, err_console)
         print_report(report, err_console if ci.json else Console())  # with --json, stdout holds only the JSON
         result.update(eval_json(report, cfg))
@@ -367,7 +369,7 @@ app.command("eval", help=eval_command.__doc__)(eval_command)
 def chat_command(**options):
     """Ask the baked model, the prompted teacher and the base the same message; show the answers side by side."""
     ci = _ci_options(options, "chat")
-    cfg = _from_config(ChatConfig, "chat", options, ci.config)
+    cfg = _from_config(ChatConfig, "chat", options, ci)
     _run(cfg.validate)
     interactive = cfg.message is None and sys.stdin.isatty()
     message = None if interactive else _run(_one_message, cfg.message)

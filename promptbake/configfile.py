@@ -23,7 +23,7 @@ import json
 import math
 import re
 import tomllib
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ _TYPE_NAMES = {"str": "a string", "Path": "a path (string)", "int": "an integer"
 
 class ConfigError(InputError):
     """The --config file can't be used: where and why, in one line."""
+
+    def __init__(self, message: str):
+        super().__init__(message if message.endswith((".", "?")) else message + ".")
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -62,16 +65,19 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--config {path} is not valid TOML: {_toml_reason(err)}.") from None
+        raise ConfigError(f"--config {path} is not valid TOML: {_toml_reason(err, text)}.") from None
 
 
-def _toml_reason(err: tomllib.TOMLDecodeError) -> str:
+def _toml_reason(err: tomllib.TOMLDecodeError, text: str) -> str:
     """tomllib's message with its position first: 'line 3, column 9: invalid value'."""
-    text = str(err)
-    where = re.search(r"\(at line (\d+), column (\d+)\)", text)
-    what = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", text).strip()
+    message = str(err)
+    where = re.search(r"\(at line (\d+), column (\d+)\)", message)
+    what = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message).strip()
     what = what[0].lower() + what[1:] if what else "parse error"
     if where:
+        line = text.splitlines()[int(where.group(1)) - 1] if int(where.group(1)) <= len(text.splitlines()) else ""
+        if what.startswith("cannot overwrite a value") and "=" in line:  # TOML's word for a key given twice
+            what = f"`{line.split('=')[0].strip()}` is given twice; keep one"
         return f"line {where.group(1)}, column {where.group(2)}: {what}"
     return f"at the end of the file: {what}"
 
@@ -120,7 +126,7 @@ def _split(doc: dict, path: Path) -> tuple[dict, dict]:
             continue
         if name not in known:
             raise ConfigError(f"--config {path}: unknown key `{key}` at the top level"
-                              f"{_closest(name, known | set(TABLES))}.")
+                              f"{_closest(name, known | set(TABLES))}")
         _add(top, name, key, value, "at the top level", path)
     return top, tables
 
@@ -151,7 +157,7 @@ def _check_keys(table: dict, name: str, path: Path, *, shared: dict) -> None:
                 else _closest(field_name, options)
             if field_name in _NOT_IN_FILE:
                 hint = f"; pass {flag(field_name)} on the command line instead"
-            raise ConfigError(f"--config {path}: unknown key `{key}` in [{name}]{hint}.")
+            raise ConfigError(f"--config {path}: unknown key `{key}` in [{name}]{hint}")
         if field_name in shared:
             raise ConfigError(f"--config {path}: `{field_name}` is given twice, at the top level and in [{name}]; "
                               "keep one.")
@@ -232,7 +238,7 @@ def resolved_toml(cfg: DistillConfig, *, system_sha256: str, key: str, model_not
     lines = ["# The resolved settings of this bake. Bake it again (it is skipped while up to date):",
              f"#   promptbake distill --config {SETTINGS_FILE} --out OTHER_FOLDER",
              f"# bake key: {key}",
-             f"# system prompt: {cfg.prompt} (SHA-256 {system_sha256})"]
+             f"# system prompt: {Path(cfg.prompt).absolute()} (SHA-256 {system_sha256})"]
     if model_note:
         lines.append(f"# model: {model_note}")
     if system_text is not None:
@@ -266,6 +272,3 @@ def _toml_value(value) -> str:
         return repr(value)
     return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string: JSON's escapes are TOML's
 
-
-def field_defaults(cls) -> dict[str, Any]:
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}

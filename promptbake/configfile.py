@@ -251,7 +251,7 @@ def resolved_toml(cfg: DistillConfig, *, system_sha256: str, key: str, model_not
             continue
         if f.name in ("prompt", "out", "chat_template", "checks") or (f.name in _MAYBE_PATHS and _is_local(value)):
             value = str(Path(value).expanduser().absolute())
-        lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append(f"{f.name} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -259,7 +259,7 @@ def _is_local(value) -> bool:
     return Path(str(value)).expanduser().exists()
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):

@@ -23,7 +23,7 @@ import yaml
 from typer.testing import CliRunner
 
 from promptbake.cli import app
-from promptbake.configfile import _toml_value
+from promptbake.configfile import toml_value
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "ci"
 QUICK = {"steps": 2, "batch_size": 2, "max_new_tokens": 6, "holdout": 0.3}
@@ -49,9 +49,9 @@ def project(tmp_path: Path, tiny_model: Path, prompts: Path) -> Path:
     doc["eval"].update(prompts=str(prompts), max_prompts=2, max_new_tokens=6)
     for gate in ("min_gap_closed", "max_drift"):
         doc["eval"].pop(gate)
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    lines = [f"{k} = {toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
     for table in ("distill", "eval"):
-        lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in doc[table].items()]
+        lines += ["", f"[{table}]"] + [f"{k} = {toml_value(v)}" for k, v in doc[table].items()]
     (folder / "promptbake.toml").write_text("\n".join(lines) + "\n")
     return folder
 

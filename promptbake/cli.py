@@ -183,7 +183,7 @@ def _source(ctx: typer.Context, name: str) -> str | None:
 def _json_result(command: str, enabled: bool):
     """With --json: whatever happens, end with one JSON object on stdout holding the exit code (and error)."""
     result: dict = {}
-    _FAILURE.clear()
+    _FAILURE.clear()  # (a fresh answer for each command run in this process)
     code = 0
     try:
         yield result
@@ -199,6 +199,7 @@ def _json_result(command: str, enabled: bool):
             answer = {"command": command, "exit_code": code, "ok": code == 0, "error": _FAILURE.get("error"),
                       "gates_passed": all(g["passed"] for g in gates) if gates else None, **result}
             typer.echo(json.dumps(answer, indent=2, default=str))
+            _FAILURE["answered"] = True
 
 
 def distill_json(baked) -> dict:
@@ -422,7 +423,21 @@ def main(
 
 
 def entry() -> None:
-    sys.exit(app())
+    try:
+        code = app()
+    except SystemExit as done:
+        _json_usage_error(done.code)
+        raise
+    sys.exit(code)
+
+
+def _json_usage_error(code) -> None:
+    """--json and the command line itself was wrong (click refused it before the command ran): still answer."""
+    argv = sys.argv[1:]
+    if "--json" in argv and code not in (0, None) and not _FAILURE.get("answered"):
+        command = next((a for a in argv if not a.startswith("-")), None)
+        typer.echo(json.dumps({"command": command, "exit_code": code, "ok": False, "gates_passed": None,
+                               "error": "error: the command line was refused (the reason is on stderr)"}, indent=2))
 
 
 if __name__ == "__main__":  # python -m promptbake.cli

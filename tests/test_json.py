@@ -54,3 +54,15 @@ def test_eval_json_and_a_missed_gate(ci_bake, prompt_files, tmp_path):
     assert answer["baked"] == str(ci_bake.out) and answer["bake_key"] == ci_bake.record["bake"]["key"]
     assert answer["results"] == json.loads((report / "eval.json").read_text())
     assert "fidelity" in result.stderr  # the report's tables went to stderr
+
+
+def test_a_refused_command_line_still_answers_in_json():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "promptbake.cli", "distill", "--json", "--steps", "abc"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    answer = json.loads(done.stdout)
+    assert answer["command"] == "distill" and answer["exit_code"] == 2 and answer["ok"] is False
+    assert "--steps" in done.stderr  # click's own reason

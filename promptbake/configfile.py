@@ -228,12 +228,11 @@ def _maybe_path(value: str, folder: Path) -> str:
 SETTINGS_FILE = "promptbake.toml"
 
 
-def resolved_toml(cfg: DistillConfig, *, system_sha256: str, key: str, model_note: str | None = None,
-                  system_text: str | None = None) -> str:
+def resolved_toml(cfg: DistillConfig, *, system_sha256: str, key: str, model_note: str | None = None) -> str:
     """The [distill] table that `--config` reads back to make the same bake (same bake key).
 
-    Paths are absolute. The system prompt appears as its path and SHA-256; its text only when
-    `system_text` is given (--record-prompt), and then as comment lines, since --prompt is a file.
+    Paths are absolute. The system prompt appears as its path and SHA-256 only: with --record-prompt
+    its text is in promptbake.json, and nowhere else.
     """
     lines = ["# The resolved settings of this bake. Bake it again (it is skipped while up to date):",
              f"#   promptbake distill --config {SETTINGS_FILE} --out OTHER_FOLDER",
@@ -241,9 +240,6 @@ def resolved_toml(cfg: DistillConfig, *, system_sha256: str, key: str, model_not
              f"# system prompt: {Path(cfg.prompt).absolute()} (SHA-256 {system_sha256})"]
     if model_note:
         lines.append(f"# model: {model_note}")
-    if system_text is not None:
-        lines.append("# system prompt text (--record-prompt):")
-        lines += [f"#   {line}" for line in system_text.splitlines()]
     lines += ["", "[distill]"]
     for f in fields(cfg):
         value = getattr(cfg, f.name)

@@ -115,8 +115,7 @@ def write_settings(path: Path, cfg: DistillConfig, inputs: Inputs) -> None:
     """promptbake.toml: the resolved settings, which `--config` reads back to make this same bake."""
     model = inputs.key.parts["model"]
     text = resolved_toml(cfg, system_sha256=sha256_text(inputs.system), key=inputs.key.key,
-                         model_note=model if model.startswith("hub:") else None,
-                         system_text=inputs.system if cfg.record_prompt else None)
+                         model_note=model if model.startswith("hub:") else None)
     path.write_text(text, encoding="utf-8")
 
 

@@ -89,7 +89,8 @@ def _run(fn, *args, **kwargs):
         _FAILURE.update(error=f"interrupted: {err}")
         raise typer.Exit(err.exit_code) from None
     except PromptbakeError as err:
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # [table] isn't markup
+        # escape: a message naming a config table ("[distill]") is text, not rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         _FAILURE.update(error=f"error: {err}")
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt as err:
@@ -143,12 +144,14 @@ class _CI:
 def _ci_parameters(command: str) -> list[inspect.Parameter]:
     """--config for every command; --json for distill, eval and plan; --force for distill and plan."""
     def option(name: str, annotation, help_key: str | None = None):
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None if annotation is not bool else False,
-                                 annotation=Annotated[Optional[annotation] if annotation is not bool else bool,
+        is_flag = annotation is bool
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False if is_flag else None,
+                                 annotation=Annotated[bool if is_flag else Optional[annotation],
                                                       typer.Option(flag(name), help=_CI_HELP[help_key or name])])
 
     # typer passes the click context to a parameter typed typer.Context: it tells which flags were typed.
-    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context), option("config", Path)]
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+              option("config", Path)]
     if command in ("distill", "eval", "plan"):
         params.append(option("json", bool))
     if command in ("distill", "plan"):

@@ -51,7 +51,10 @@ class Plan:
 
 
 def make_plan(cfg: DistillConfig, console: Console, *, force: bool = False) -> Plan:
-    """Check cfg as distill would before loading weights, and estimate what the bake needs. Raises what distill raises."""
+    """Check cfg as distill would before loading weights, and estimate what the bake needs.
+
+    Raises what distill raises, with the same messages: the checks are the same functions.
+    """
     inputs = read_inputs(cfg, force=force)
     from .setup import quiet_libraries
 

@@ -39,7 +39,7 @@ def gitlab_lines(doc: dict) -> list[str]:
 
 
 def project(tmp_path: Path, tiny_model: Path, prompts: Path) -> Path:
-    """A copy of examples/ci/ with its promptbake.toml pointed at the tiny model; gates removed (tiny can't pass them)."""
+    """A copy of examples/ci/ whose promptbake.toml points at the tiny model, quick, without gates (tiny can't pass)."""
     folder = tmp_path / "project"
     shutil.copytree(EXAMPLES, folder)
     doc = tomllib.loads((folder / "promptbake.toml").read_text())

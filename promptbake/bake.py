@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import asdict, replace
 
 from rich.console import Console
 
 from .config import DistillConfig
 from .errors import TrainingError, describe, is_out_of_memory
 from .finish import DistillResult, already_baked, finish, print_summary
-from .setup import prepare, read_inputs
-from .train import diverged, heldout_kl, train
+from .setup import hold_output, prepare, read_inputs
+from .train import HeldoutKL, diverged, heldout_kl, train
 
 
 def distill(cfg: DistillConfig, console: Console | None = None, *, force: bool = False) -> DistillResult:
@@ -29,21 +30,25 @@ def distill(cfg: DistillConfig, console: Console | None = None, *, force: bool =
     console = console or Console(stderr=True)
     started = time.time()
 
-    # 1. Inputs: every file and option checked without torch, in about a second.
+    # 1. Inputs: every file and option checked without torch, in about a second; --out made absolute.
     inputs = read_inputs(cfg, force=force)
     if inputs.up_to_date:
         return already_baked(cfg, inputs, console)
-    # 2. Setup: tokenizer, renders, prompt split, work folder, the base weights once (frozen) + LoRA.
-    run = prepare(cfg, inputs, console)
-    with failures_explained(cfg, run.work.path):
-        # 3. Train. The held-out KL before is kept in the work folder, so a resumed bake doesn't
-        #    measure it again on trained weights; after, the same prompts with the same sampling seed.
-        kl_before = run.work.once("heldout_kl_before", lambda: heldout_kl(run, run.heldout, cfg, console, "before"))
-        train(cfg, run, console)
-        kl_after = heldout_kl(run, run.heldout, cfg, console, "after")
-        # 4. Finish: merged checkpoint, closing evaluation, record and model card, published atomically.
-        result = finish(cfg, inputs, run, kl_before, kl_after, started, console)
-    run.work.remove()  # the output holds everything now
+    cfg = replace(cfg, out=inputs.out, overwrite=cfg.overwrite or inputs.replace_out)
+    # One bake per output: the lock beside it is held until the output is published and the work folder gone.
+    with hold_output(cfg, console):
+        # 2. Setup: tokenizer, renders, prompt split, work folder, the base weights once (frozen) + LoRA.
+        run = prepare(cfg, inputs, console)
+        with failures_explained(cfg, run.work.path):
+            # 3. Train. The held-out KL before is kept in the work folder, so a resumed bake doesn't
+            #    measure it again on trained weights; after, the same prompts with the same sampling seed.
+            kl_before = HeldoutKL(**run.work.once(
+                "heldout_before", lambda: asdict(heldout_kl(run, run.heldout, cfg, console, "before"))))
+            train(cfg, run, console)
+            kl_after = heldout_kl(run, run.heldout, cfg, console, "after")
+            # 4. Finish: merged checkpoint, closing evaluation, record and model card, published atomically.
+            result = finish(cfg, inputs, run, kl_before, kl_after, started, console)
+        run.work.remove()  # the output holds everything now
     print_summary(console, result, run.device)
     return result
 

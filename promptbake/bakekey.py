@@ -188,24 +188,6 @@ def _difference(old: dict, new: dict) -> str:
     return "its bake key differs"
 
 
-def check_out(cfg: DistillConfig, key: BakeKey, *, force: bool) -> tuple[str, str, bool]:
-    """What distill does with --out: (status, why, replace), or the OutputExistsError of today.
-
-    Up to date and not --force: skip the bake. Up to date and --force: bake again and replace it
-    without --overwrite (it holds this same bake, so nothing is lost that the bake won't remake).
-    Anything else in --out needs --overwrite, as before.
-    """
-    from .output import check_output
-
-    status, why = compare(cfg.out, key)
-    if status == "up_to_date":
-        if force:
-            check_output(cfg.out, overwrite=True)  # still refuses an --out it can't write
-        return status, why, force
-    check_output(cfg.out, cfg.overwrite)
-    return status, why, cfg.overwrite
-
-
 def _read_cache() -> dict:
     try:
         data = json.loads(_cache_path().read_text(encoding="utf-8"))

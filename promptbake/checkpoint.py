@@ -20,7 +20,6 @@ so a resumed bake ends with the same adapter as one that was never stopped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -33,7 +32,8 @@ from pathlib import Path
 from rich.console import Console
 
 from .config import DistillConfig, flag
-from .errors import InputError, Interrupted, Terminated, WriteError, describe
+from .data import sha256_text
+from .errors import InputError, Interrupted, Terminated, WriteError, describe, note
 
 SAVE_SECONDS = 600  # a checkpoint at least every 10 minutes, whatever --save-every says
 KEEP = 2  # checkpoints kept: if the newest is unreadable, the one before it still is
@@ -45,6 +45,7 @@ KEEP = 2  # checkpoints kept: if the newest is unreadable, the one before it sti
 # --steps. The files behind --prompt, --prompts and --chat-template are compared by content.
 _MAY_DIFFER = {"out", "overwrite", "resume", "save_every", "record_prompt", "allow_pickle", "trust_remote_code",
                "eval", "checks", "min_gap_closed", "min_pass_rate",  # evaluation after training only
+               "export", "export_outtype",  # written after training only
                "steps", "chunk_size", "prompt", "prompts", "chat_template"}
 _NAMES = {
     "system_prompt_sha256": "the system prompt (--prompt file contents)",
@@ -53,6 +54,13 @@ _NAMES = {
     "resolved_quant": "the quantisation (--quant as resolved on this machine)",
     "dtype": "the precision (it follows the device)",
 }
+# The parts of `models.model_fingerprint`, as said when a resumed bake's model changed at the same path.
+_MODEL_PARTS = {"config": "config.json changed", "tokenizer": "tokenizer files changed",
+                "chat_template": "chat template changed",
+                "weights": "weights changed (a weights file's size or modification time)",
+                "gguf": ".gguf file changed (its size or modification time)"}
+_CHANGED = {f"{role}_{part}": f"the --{role} {said}" for role in ("model", "teacher")
+            for part, said in _MODEL_PARTS.items()}
 
 
 def work_path(out: Path) -> Path:
@@ -61,13 +69,18 @@ def work_path(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def run_settings(cfg: DistillConfig, *, system: str, prompts: list, template: str | None, quant: str, dtype) -> dict:
-    """What a resumed bake must share with the stopped one: its settings, input hashes and precision."""
+def run_settings(cfg: DistillConfig, *, system: str, prompts: list, template: str | None, quant: str, dtype,
+                 fingerprints: dict[str, dict | None] | None = None) -> dict:
+    """What a resumed bake must share with the stopped one: its settings, input hashes, precision and the
+    identity of its models (fingerprints: {"model": models.model_fingerprint(...), "teacher": ... or None}),
+    so a model whose weights, tokenizer or template changed at the same path is refused by name."""
     settings = {k: v for k, v in cfg.to_record().items() if k not in _MAY_DIFFER}
+    for role, fingerprint in (fingerprints or {}).items():
+        settings.update({f"{role}_{part}": digest for part, digest in (fingerprint or {}).items()})
     settings.update(
-        system_prompt_sha256=_sha256(system),
-        prompts_sha256=_sha256(json.dumps(prompts, sort_keys=True)),
-        chat_template_sha256=_sha256(template) if template is not None else None,
+        system_prompt_sha256=sha256_text(system),
+        prompts_sha256=sha256_text(json.dumps(prompts, sort_keys=True)),
+        chat_template_sha256=sha256_text(template) if template is not None else None,
         resolved_quant=quant,
         dtype=str(dtype).removeprefix("torch."),
     )
@@ -105,8 +118,7 @@ class WorkFolder:
         if old != settings and not work.last_step() and not resume:
             # A bake with other settings stopped before its first checkpoint: nothing worth keeping.
             work.remove()
-            console.print(f"[yellow]note:[/] discarded {path}: a bake with other settings stopped there before "
-                          "its first checkpoint.", highlight=False, soft_wrap=True)
+            note(console, f"discarded {path}: a bake with other settings stopped there before its first checkpoint.")
             return fresh
         _check_same(old, settings, path)
         for tmp in path.glob(".*.tmp-*"):  # left by a kill in the middle of a write
@@ -116,8 +128,7 @@ class WorkFolder:
             raise InputError(f"{path} holds a checkpoint at step {last}, past --steps {steps}; pass --steps {last} "
                              f"or more to finish that bake, or delete {path} to start afresh.")
         where = f"from step {last}" if last else "(no checkpoint yet, from the start)"
-        console.print(f"[yellow]note:[/] resuming the stopped bake kept in {path} {where}; delete that folder to "
-                      "start afresh instead.", highlight=False, soft_wrap=True)
+        note(console, f"resuming the stopped bake kept in {path} {where}; delete that folder to start afresh instead.")
         return work
 
     def checkpoints(self) -> list[Path]:
@@ -169,7 +180,7 @@ class WorkFolder:
             try:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
             except Exception as err:  # damaged: fall back to the one before
-                self.console.print(f"[yellow]note:[/] skipping unreadable checkpoint {path.name} ({describe(err)}).")
+                note(self.console, f"skipping unreadable checkpoint {path.name} ({describe(err)}).")
                 continue
             params = dict(_trainable(model))
             if set(params) != set(ckpt["adapter"]):
@@ -304,7 +315,9 @@ class Training:
 def _check_same(old: dict, new: dict, path: Path) -> None:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            if key in _NAMES:
+            if key in _CHANGED:
+                what = _CHANGED[key]
+            elif key in _NAMES:
                 what = f"{_NAMES[key]} differs"
             else:
                 what = f"{flag(key)} was {old.get(key)}, now {new.get(key)}"
@@ -334,7 +347,3 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import read_text_file
 from .errors import InputError
 
 if sys.version_info >= (3, 11):
@@ -80,13 +81,9 @@ class Check:
 def load_checks(path: Path) -> list[Check]:
     """Read and validate a checks file; InputError naming the file, check and problem otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checks file {path} does not exist." if not path.exists()
-                         else f"checks file {path} is a folder, not a file.")
+    text = read_text_file(path, "checks file")  # a regular file (never a pipe or a device), at most 1 MiB
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"checks file {path} is not UTF-8 text.") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"checks file {path} is not valid TOML: {err}.") from None
     return parse_checks(data, str(path))

@@ -26,7 +26,7 @@ from rich.markup import escape
 from . import __version__, data
 from .config import ChatConfig, DistillConfig, EvalConfig, flag
 from .data import read_system_prompt
-from .errors import InputError, Interrupted, PromptbakeError, Terminated
+from .errors import InputError, Interrupted, PromptbakeError, Terminated, print_line
 from .eval import evaluate, print_report
 from .eval.chat import answer, print_answers
 from .eval.systems import load_compared
@@ -85,12 +85,11 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Interrupted as err:
-        err_console.print(f"[bold red]interrupted:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        print_line(err_console, "interrupted", str(err), "bold red")
         _FAILURE.update(error=f"interrupted: {err}")
         raise typer.Exit(err.exit_code) from None
     except PromptbakeError as err:
-        # escape: a message naming a config table ("[distill]") is text, not rich markup
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        print_line(err_console, "error", str(err), "bold red")  # never as markup: paths may hold [brackets]
         _FAILURE.update(error=f"error: {err}")
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt as err:
@@ -400,7 +399,7 @@ app.command("chat", help=chat_command.__doc__)(chat_command)
 def _load_for_chat(cfg: ChatConfig):
     return load_compared(cfg.baked, cfg.model, read_system_prompt(cfg.prompt), max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, chat_template=cfg.chat_template,
-                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
+                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, force=cfg.force,
                          console=err_console, what="baked folder")
 
 
@@ -414,6 +413,22 @@ def _one_message(message: str | None) -> str:
 
 plan_command.__signature__ = inspect.Signature(_config_parameters(DistillConfig) + _ci_parameters("plan"))
 app.command("plan", help=plan_command.__doc__)(plan_command)
+
+
+@app.command("export")
+def export_command(
+    baked: Annotated[Path, typer.Argument(help="The baked checkpoint folder (the --out of promptbake distill).")],
+    format: Annotated[str, typer.Option("--format", help="Output format; gguf is the one there is.")] = "gguf",
+    outtype: Annotated[str, typer.Option(
+        "--outtype", help="Weight type in the file: f32, f16, bf16 or q8_0 (norms and biases stay f32).")] = "f16",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="The .gguf file to write. Default: BAKED/model-OUTTYPE.gguf.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file if it exists.")] = False,
+):
+    """Write the bake as one GGUF file for llama.cpp / Ollama / LM Studio, with an Ollama Modelfile beside it."""
+    from .export import export_gguf
+
+    _run(export_gguf, baked, out, outtype=outtype, overwrite=overwrite, console=err_console, format=format)
 
 
 @app.callback()

@@ -20,6 +20,8 @@ from .errors import InputError
 
 QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
 ROLLOUT_CHOICES = ("fast", "exact", "generate")
+EXPORT_CHOICES = ("none", "gguf")
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, argument: bool = False):
@@ -101,7 +103,9 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
     )
     split: str = _opt("train", "Split to read from a dataset folder or hub dataset.")
     max_prompts: int = _opt(0, "Use at most this many prompts, drawn after shuffling with --seed (0 = all).")
-    overwrite: bool = _opt(False, "Replace --out if it already exists.")
+    overwrite: bool = _opt(
+        False, "Replace --out if it is a finished promptbake output or an empty folder (anything else is refused)."
+    )
     resume: bool = _opt(
         False,
         "Continue the interrupted bake kept in OUT.work/ (re-running the same command also does). "
@@ -116,6 +120,9 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
     lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights (constant, no warm-up).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold for student rollouts (1 = off).")
     holdout: float = _opt(0.1, "Fraction of the prompt set kept apart for before/after evaluation.")
+    heldout_prompts: int = _opt(
+        32, "Held-out prompts the before/after KL is measured on, spread over the held-out split (0 = all of them)."
+    )
 
     # LoRA and precision.
     lora_rank: int = _opt(16, "LoRA rank r.")
@@ -153,6 +160,14 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
         None, "Checks file (TOML) for that evaluation. Default: NAME.checks.toml beside --prompt, if there is one."
     )
 
+    # Deployment: written into --out with the checkpoint, so it is published with it or not at all.
+    export: str = _opt(
+        "none", "Also write the bake as one GGUF file (llama.cpp, Ollama) with an Ollama Modelfile, in --out. "
+        "The same as `promptbake export OUT` afterwards.", choices=EXPORT_CHOICES,
+    )
+    export_outtype: str = _opt("f16", "Weight type of that GGUF file (norms and biases stay f32).",
+                               choices=GGUF_OUTTYPES)
+
     def validate(self) -> None:
         """Check values that need no file or model; raise InputError naming the option."""
         if not self.model:
@@ -172,6 +187,8 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
             raise InputError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout}).")
         if not (0 < self.holdout < 1):
             raise InputError(f"--holdout must be a fraction between 0 and 1 (got {self.holdout}).")
+        if self.heldout_prompts < 0:
+            raise InputError(f"--heldout-prompts must be 0 (all) or a positive number (got {self.heldout_prompts}).")
         if self.max_prompts < 0:
             raise InputError(f"--max-prompts must be 0 (all) or a positive number (got {self.max_prompts}).")
         if self.kl_topk < 0:
@@ -202,6 +219,10 @@ class EvalConfig(GateOptions, SamplingOptions, ModelOptions):
     max_prompts: int = _opt(32, "Use at most this many prompts of each set, spread evenly across it.")
     seed: int = _opt(0, "Sampling seed, the same for all three systems.")
     max_drift: float | None = _opt(None, "Exit with code 4 if KL(baked || base) per token on the drift prompts is above this.")
+    force: bool = _opt(
+        False, "Compare even when --model, --prompt or the tokenizer differ from what the bake's promptbake.json "
+        "records (a deliberate cross-comparison)."
+    )
 
     def validate(self) -> None:
         for name in ("baked", "model", "prompt"):
@@ -230,6 +251,10 @@ class ChatConfig(ModelOptions):
     max_new_tokens: int = _opt(128, "Longest answer, in tokens.")
     temperature: float = _opt(0.0, "Sampling temperature (0 = greedy: each system's most likely answer).")
     seed: int = _opt(0, "Sampling seed, the same for all three systems.")
+    force: bool = _opt(
+        False, "Compare even when --model, --prompt or the tokenizer differ from what the bake's promptbake.json "
+        "records (a deliberate cross-comparison)."
+    )
 
     def validate(self) -> None:
         for name in ("baked", "model", "prompt"):

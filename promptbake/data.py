@@ -9,14 +9,20 @@ with the seed and keeps the first `max_prompts`. It returns a `PromptSet`: the
 prompts plus a count of what was dropped and why, so nothing is dropped silently.
 `datasets` reads the formats it knows (json, csv, parquet, saved folders, the hub)
 and is imported only when one of those is asked for: it takes about a second.
+
+Files are read whole, so they must be regular files (never a pipe or a device) of bounded size:
+a prompt set file at most 256 MiB (`PROMPT_FILE_LIMIT`), a system prompt file at most 1 MiB
+(`SYSTEM_PROMPT_LIMIT`); `read_text_file` does this for any other text input too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -182,6 +188,7 @@ def _read_source(source: str, prompt_field: str, split: str) -> list[Messages | 
         if suffix == ".jsonl":
             return _read_jsonl(path, prompt_field)
         if suffix in DATASETS_BUILDERS:
+            check_regular_file(path, "prompt set", PROMPT_FILE_LIMIT)
             return _from_table(_load_file(path, DATASETS_BUILDERS[suffix]), prompt_field, str(path))
         raise InputError(f"prompt set {path}: unsupported file type {suffix or '(none)'}; "
                          f"use {', '.join(FILE_TYPES)}, a save_to_disk folder or a hub dataset id.")
@@ -195,7 +202,7 @@ def _read_source(source: str, prompt_field: str, split: str) -> list[Messages | 
 
 def _read_txt(path: Path) -> list[Messages | None]:
     """One prompt per line; blank lines and # comments are not prompts."""
-    lines = _read_utf8(path, "prompt set").splitlines()
+    lines = read_text_file(path, "prompt set", PROMPT_FILE_LIMIT).splitlines()
     return [_user(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -203,7 +210,7 @@ def _read_jsonl(path: Path, prompt_field: str) -> list[Messages | None]:
     # Our own reader rather than `datasets`: errors can name the line, and `datasets` would
     # silently fill a field missing from one row with null.
     rows = []
-    for n, line in enumerate(_read_utf8(path, "prompt set").splitlines(), start=1):
+    for n, line in enumerate(read_text_file(path, "prompt set", PROMPT_FILE_LIMIT).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {n}"
@@ -269,7 +276,9 @@ def _datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Its failures reach us as exceptions, which become one `error:` line; its own logging of the
+    # same failure (e.g. "Failed to read schema from ...") would print it twice, the first raw.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 
@@ -321,21 +330,81 @@ def _cause(err: BaseException) -> str:
 
 def read_system_prompt(path: Path) -> str:
     """The system prompt file's text, never truncated; InputError if missing, empty or not UTF-8."""
-    text = _read_utf8(Path(path), "system prompt file")
+    text = read_text_file(Path(path), "system prompt file", SYSTEM_PROMPT_LIMIT)
     if not text.strip():
         raise InputError(f"system prompt file {path} is empty.")
     return text.strip()
 
 
-def _read_utf8(path: Path, what: str) -> str:
-    if not path.exists():
+# Files are read whole into memory, so each kind has a size limit; far above any real use, it turns
+# a wrong path (a disk image, /dev/zero) into an error instead of a MemoryError or a machine that swaps.
+SYSTEM_PROMPT_LIMIT = 1 << 20  # 1 MiB: ~250k tokens, beyond any model's context
+PROMPT_FILE_LIMIT = 256 << 20  # 256 MiB of prompts; a bigger set can be a save_to_disk folder or a hub dataset
+TEXT_FILE_LIMIT = 1 << 20  # a chat template or a checks file
+
+
+def read_text_file(path: Path, what: str, limit: int = TEXT_FILE_LIMIT) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; InputError naming the file otherwise.
+
+    Named pipes, devices and sockets are refused without reading from them: opening a FIFO waits
+    for a writer and /dev/zero never ends. The file is opened non-blocking and checked with fstat,
+    so nothing can swap it for a pipe between the check and the read.
+    """
+    data = read_bytes_file(path, what, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path} is not UTF-8 text (bad byte at offset {err.start}).") from None
+
+
+def read_bytes_file(path: Path, what: str, limit: int) -> bytes:
+    """A regular file's bytes, at most `limit` of them (see `read_text_file`)."""
+    fd = _open_regular(Path(path), what, limit)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)  # one more than allowed: a file that grew since fstat is caught too
+    if len(data) > limit:
+        raise _too_big(Path(path), what, len(data), limit)
+    return data
+
+
+def check_regular_file(path: Path, what: str, limit: int) -> None:
+    """Refuse what `read_text_file` would refuse, for files another library reads (json, csv, parquet)."""
+    os.close(_open_regular(Path(path), what, limit))
+
+
+def _open_regular(path: Path, what: str, limit: int) -> int:
+    if not os.path.lexists(path):
         raise InputError(f"{what} {path} does not exist.")
     if path.is_dir():
         raise InputError(f"{what} {path} is a folder, not a file.")
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{what} {path} is not UTF-8 text (bad byte at offset {err.start}).") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens without waiting
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist (a symbolic link to nothing).") from None
+    except OSError as err:
+        raise InputError(f"can't open {what} {path} ({err.strerror or err}).") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or
+                stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise InputError(f"{what} {path} is {kind}; give a regular file (promptbake reads it whole, so it "
+                         "can't be a pipe or a device).")
+    size = os.fstat(fd).st_size
+    if size > limit:
+        os.close(fd)
+        raise _too_big(path, what, size, limit)
+    return fd
+
+
+def _too_big(path: Path, what: str, size: int, limit: int) -> InputError:
+    hint = (" Give a shorter file, or a save_to_disk folder or hub dataset for a bigger prompt set."
+            if limit == PROMPT_FILE_LIMIT else " Check that the path names the right file.")
+    return InputError(f"{what} {path} is over {_mib(size)}, above the {_mib(limit)} limit for it.{hint}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
 
 
 def split_holdout(prompts: list[Messages], fraction: float, seed: int, minimum: int = 4) -> tuple[list, list]:
@@ -356,3 +425,10 @@ def split_holdout(prompts: list[Messages], fraction: float, seed: int, minimum: 
 def sha256_text(text: str) -> str:
     """The SHA-256 of a text's UTF-8 bytes: how promptbake names a system prompt without storing it."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def spread(prompts: list, n: int) -> list:
+    """At most n items, evenly spaced through the list (sets are grouped by kind, so not just the first n)."""
+    if len(prompts) <= n:
+        return list(prompts)
+    return [prompts[i * len(prompts) // n] for i in range(n)]

@@ -38,6 +38,10 @@ class OutputExistsError(PromptbakeError):
     """The output folder exists and --overwrite was not given."""
 
 
+class OutputLockedError(PromptbakeError):
+    """Another bake that is still running holds the lock on this output (see lock.py)."""
+
+
 class TrainingError(PromptbakeError):
     """Training stopped: the loss became NaN/inf or memory ran out."""
 
@@ -69,6 +73,11 @@ def describe(err: BaseException) -> str:
     wrapped = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))  # safetensors' wrapping of an OSError
     if wrapped:
         return wrapped.group(1)
+    return first_line(err)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
@@ -76,3 +85,19 @@ def describe(err: BaseException) -> str:
 def is_out_of_memory(err: BaseException) -> bool:
     """True for host or GPU out-of-memory errors (torch.OutOfMemoryError is a RuntimeError)."""
     return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def print_line(console, label: str, message: str, style: str = "yellow") -> None:
+    """Print `label: message` on one logical line, the label styled, the message exactly as it is.
+
+    Messages hold paths and user text: printed as markup, "[bold]" in a folder name would vanish
+    and "holds no [] tables" lose its brackets, so the message never goes through rich's markup.
+    """
+    from rich.text import Text
+
+    console.print(Text.assemble((f"{label}:", style), " ", message), highlight=False, soft_wrap=True)
+
+
+def note(console, message: str) -> None:
+    """A `note:` line: something done or noticed that the user should hear of, not an error."""
+    print_line(console, "note", message)

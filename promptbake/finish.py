@@ -21,11 +21,10 @@ from .bakekey import recorded_bake
 from .config import DistillConfig
 from .configfile import SETTINGS_FILE, resolved_toml
 from .data import sha256_text
-from .errors import WriteError, describe
 from .eval import evaluate_bake
-from .output import is_write_error, make_staging, publish, write_json, write_model_card
+from .output import is_write_error, make_staging, output_files, publish, write_error, write_json, write_model_card
 from .setup import Inputs, Run
-from .train import diverged
+from .train import HeldoutKL, diverged
 
 
 @dataclass
@@ -40,17 +39,19 @@ class DistillResult:
     up_to_date: bool = False  # True: --out already held this bake and nothing was baked
 
 
-def finish(cfg: DistillConfig, inputs: Inputs, run: Run, kl_before: float, kl_after: float, started: float,
+def finish(cfg: DistillConfig, inputs: Inputs, run: Run, before: HeldoutKL, after: HeldoutKL, started: float,
            console: Console) -> DistillResult:
     """Write the merged checkpoint, adapter, tokenizer, metrics, evaluation and record to cfg.out."""
-    if not math.isfinite(kl_after):  # never merge weights whose outputs are inf/nan
-        raise diverged(f"after training the held-out KL is {kl_after}", cfg, f"{run.work.path} is kept")
+    if not math.isfinite(after.value):  # never merge weights whose outputs are inf/nan
+        raise diverged(f"after training the held-out KL is {after.value}", cfg, f"{run.work.path} is kept")
     console.print("merging the adapter into the full-precision base")
+    kept = f"The trained adapter is kept in {run.work.path}"
     staging = make_staging(cfg.out)
     try:
         run.student.save_pretrained(staging / "adapter")
         merge.save_merged(run.student, staging / "adapter", staging, src=inputs.src, quantised=run.quant != "none",
-                          dtype=run.dtype, trust_remote_code=cfg.trust_remote_code)
+                          dtype=run.dtype, trust_remote_code=cfg.trust_remote_code,
+                          stop_ids=run.pair.sampling.eos_ids)  # the baked model stops where its rollouts did
         run.tok.save_pretrained(staging)
         shutil.copyfile(run.work.path / "metrics.jsonl", staging / "metrics.jsonl")
         prefix_reuse = bool(run.pair.prefix and run.pair.prefix.usable and not run.pair.prefix_misses)
@@ -58,24 +59,30 @@ def finish(cfg: DistillConfig, inputs: Inputs, run: Run, kl_before: float, kl_af
         evaluation = evaluate_bake(cfg, staging, run.heldout, inputs.checks, console) if cfg.eval else None
         wall, processes = whole_wall_seconds(run.work, started)
         peak_mb = peak_memory_mb(run.device)
-        results = dict(heldout_kl_before=kl_before, heldout_kl_after=kl_after, steps=cfg.steps,
-                       wall_seconds=round(wall, 1), processes=processes, peak_memory_mb=round(peak_mb, 1),
-                       eval=evaluation.to_json() if evaluation else None)
+        results = dict(heldout_kl_before=before.value, heldout_kl_after=after.value,
+                       heldout={"prompts": after.prompts, "tokens_before": before.tokens, "tokens_after": after.tokens,
+                                "stderr_before": round(before.stderr, 6), "stderr_after": round(after.stderr, 6),
+                                "seconds": round(before.seconds + after.seconds, 1)},
+                       steps=cfg.steps, wall_seconds=round(wall, 1), processes=processes,
+                       peak_memory_mb=round(peak_mb, 1), eval=evaluation.to_json() if evaluation else None)
         record = bake_record(cfg, inputs, run, results, prefix_reuse=prefix_reuse)
+        write_settings(staging / SETTINGS_FILE, cfg, inputs)  # before the file list below, which must name it
+        record["files"] = output_files(staging)  # what a later --overwrite may replace: nothing else
         write_json(staging / "promptbake.json", record)
-        write_settings(staging / SETTINGS_FILE, cfg, inputs)
         write_model_card(staging, record)
-        publish(staging, cfg.out, cfg.overwrite or inputs.replace_out)
+        if cfg.export == "gguf":  # inside staging: published with the checkpoint, or not at all
+            from .export import export_gguf
+
+            export_gguf(staging, staging / f"model-{cfg.export_outtype}.gguf", outtype=cfg.export_outtype,
+                        console=console, name=Path(cfg.out).name)
+        publish(staging, cfg.out, cfg.overwrite, kept=kept)
     except Exception as err:
         if not is_write_error(err):
             raise
-        raise WriteError(
-            f"can't write --out {cfg.out} ({describe(err)}); it was left as it was. The trained adapter is "
-            f"kept in {run.work.path}: free some space and run the same command again to finish without retraining."
-        ) from None
+        raise write_error(err, cfg.out, kept=kept) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published
-    return DistillResult(cfg.out, kl_before, kl_after, cfg.steps, wall, peak_mb, record)
+    return DistillResult(cfg.out, before.value, after.value, cfg.steps, wall, peak_mb, record)
 
 
 def already_baked(cfg: DistillConfig, inputs: Inputs, console: Console) -> DistillResult:
@@ -130,6 +137,9 @@ def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict, *, 
     return {
         "promptbake_version": __version__,
         "base_model": cfg.model,
+        # Where and what the base was, so eval and chat can tell another model from it (provenance.py).
+        **({"base_model_path": str(Path(cfg.model).resolve())} if Path(cfg.model).exists() else {}),
+        "base_fingerprint": run.fingerprints["model"],
         "teacher_model": cfg.teacher or cfg.model,
         "system_prompt_sha256": sha256_text(inputs.system),
         **({"system_prompt": inputs.system} if cfg.record_prompt else {}),  # confidential unless asked
@@ -170,6 +180,9 @@ def print_summary(console: Console, r: DistillResult, device) -> None:
     table.add_row("held-out KL/token before", f"{r.kl_before:.4f}")
     table.add_row("held-out KL/token after", f"{r.kl_after:.4f} ({change:.0f}% lower)" if change >= 0
                   else f"{r.kl_after:.4f} ({-change:.0f}% higher)")
+    held = r.record["results"]["heldout"]
+    table.add_row("held-out measurement", f"{held['prompts']} prompts, ± {held['stderr_after']:.4f}, "
+                  f"{held['seconds']:.0f} s before + after")
     table.add_row("steps", str(r.steps))
     table.add_row("wall time", f"{r.wall_seconds / 60:.1f} min")
     table.add_row("peak memory", f"{r.peak_memory_mb:,.0f} MiB ({'GPU' if device.type == 'cuda' else 'RSS'})")

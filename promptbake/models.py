@@ -1,19 +1,20 @@
 """Finding and loading models and tokenizers: hub ids, local folders and .gguf files.
 
 `resolve_model` is cheap (no torch) so bad paths and unreachable hub ids fail in
-about a second; the `load_*` functions import transformers when called.
+about a second; the `load_*` functions import transformers when called. A .gguf file
+is converted once into promptbake's cache (see gguf_cache.py) and read from there.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import InputError, ModelLoadError, TokenizerMismatchError
+from .errors import InputError, ModelLoadError, TokenizerMismatchError, first_line
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -99,13 +100,31 @@ def hub_reachable_or_cached(repo_id: str, what: str, repo_type: str = "model") -
         ) from None
 
 
+def loadable(src: ModelSource) -> ModelSource:
+    """`src` in the form the loaders read: a .gguf file becomes its converted folder in promptbake's
+    cache (converted on first use); `spec` still names the user's file, for messages."""
+    if not src.gguf_file:
+        return src
+    from .gguf_cache import cached_folder
+
+    folder = cached_folder(Path(src.path) / src.gguf_file)
+    return replace(src, path=str(folder), gguf_file=None, local_files_only=True)
+
+
 def load_tokenizer(src: ModelSource, *, chat_template: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    src = loadable(src)
+    folder = Path(src.path)
+    if not src.gguf_file and folder.is_dir() and not any(_is_tokenizer_file(p.name) for p in folder.iterdir()):
+        raise ModelLoadError(f"{src.spec} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): copy "
+                             "those of the model it came from into that folder.")
     try:
         tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"can't load the tokenizer of {src.spec}: {_first_line(err)}") from None
+    except Exception as err:  # the tokenizers library raises a bare Exception for a broken tokenizer.json
+        _reraise_unless_a_file_problem(err)
+        raise ModelLoadError(f"can't load the tokenizer of {src.spec}: {_one_line(err)} Check its tokenizer "
+                             "files (tokenizer.json, tokenizer_config.json), or download or copy them again.") from None
     if chat_template is not None:
         tok.chat_template = chat_template
     if tok.pad_token_id is None:
@@ -118,10 +137,12 @@ def load_tokenizer(src: ModelSource, *, chat_template: str | None = None, trust_
 def load_config(src: ModelSource, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    src = loadable(src)
     try:
         return AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"can't read the config of {src.spec}: {_first_line(err)}") from None
+    except Exception as err:
+        _reraise_unless_a_file_problem(err)
+        raise ModelLoadError(f"can't read the config of {src.spec}: {first_line(err)}") from None
 
 
 def context_length(config) -> int | None:
@@ -153,7 +174,7 @@ def resolve_quant(quant: str, device) -> str:
             import bitsandbytes  # noqa: F401
         except Exception as err:  # ImportError, or a broken native library
             raise InputError(
-                f"--quant {quant} needs bitsandbytes, which can't be loaded here ({_first_line(err)}); "
+                f"--quant {quant} needs bitsandbytes, which can't be loaded here ({first_line(err)}); "
                 "install it (pip install bitsandbytes) or use --quant none."
             ) from None
     return quant
@@ -164,8 +185,9 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    src = loadable(src)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, **src.kwargs}
-    if not src.gguf_file and not src.allow_pickle:
+    if not src.allow_pickle:
         kwargs["use_safetensors"] = True  # a hub repo with only pytorch_model.bin fails here instead of unpickling
     if quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -176,15 +198,9 @@ def load_model(src: ModelSource, *, quant: str, device, dtype, trust_remote_code
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
-        with _no_gguf_progress_bar():
-            model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
-        if kwargs.get("use_safetensors") and "safetensors" in str(err):
-            raise ModelLoadError(
-                f"model {src.spec} has no safetensors weights, and loading pickle weights can run code: "
-                "pass --allow-pickle if you trust where it came from."
-            ) from None
-        raise ModelLoadError(f"can't load model {src.spec}: {_first_line(err)}") from None
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    except Exception as err:
+        raise _weights_error(err, src, use_safetensors=kwargs.get("use_safetensors", False)) from None
     if quant == "none":
         model.to(device)
     elif quant == "4bit" and device.type == "cpu":
@@ -209,19 +225,6 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-
-@contextlib.contextmanager
-def _no_gguf_progress_bar():
-    """transformers' GGUF loader draws a tqdm bar that ignores its progress-bar setting; hide it."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    bar = getattr(gguf_utils, "tqdm", None)
-    gguf_utils.tqdm = lambda iterable, **_: iterable
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = bar
 
 
 def check_tokenizers_match(student_tok, teacher_tok, student_vocab: int, teacher_vocab: int) -> int:
@@ -253,6 +256,137 @@ def check_tokenizers_match(student_tok, teacher_tok, student_vocab: int, teacher
     return shared
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+def _weights_error(err: Exception, src: ModelSource, *, use_safetensors: bool) -> Exception:
+    """The ModelLoadError for a failed weights load; errors that aren't about the files pass through."""
+    import pickle
+
+    _reraise_unless_a_file_problem(err)
+    if type(err).__name__ == "SafetensorError" or "deserializing header" in str(err):
+        return ModelLoadError(
+            f"model {src.spec}: a safetensors weights file is damaged or incomplete ({first_line(err)}); "
+            "download or copy the model again."
+        )
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in str(err):
+        return ModelLoadError(
+            f"model {src.spec}: torch refused to load its pickle weights because they hold more than tensors, "
+            "and unpickling them could run code. Don't use these files; convert a copy you trust to safetensors."
+        )
+    if use_safetensors and "safetensors" in str(err):
+        return ModelLoadError(f"model {src.spec} has no safetensors weights, and loading pickle weights can run "
+                              "code: pass --allow-pickle if you trust where it came from.")
+    return ModelLoadError(f"can't load model {src.spec}: {first_line(err)}")
+
+
+def _reraise_unless_a_file_problem(err: Exception) -> None:
+    """Out of memory and interrupts are not a broken model: let them through to their own handling."""
+    from .errors import PromptbakeError, is_out_of_memory
+
+    if is_out_of_memory(err) or isinstance(err, PromptbakeError):
+        raise err
+
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """All of a library's message on one line (some put the useful part on the second), ending in a stop."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if text.endswith((".", "…")) else text + "."
+
+
+# --- The model's identity, for refusing a resume whose model changed at the same path. ---
+
+_TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt")
+_TEMPLATE_NAMES = ("chat_template.jinja", "chat_template.json")
+_CONFIG_NAMES = ("config.json", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".index.json")
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith("tokenizer") or name in _TOKENIZER_NAMES or name.endswith(".model")
+
+
+def model_fingerprint(src: ModelSource) -> dict[str, str]:
+    """A cheap identity of a model's files, one SHA-256 per part, so a change can be named.
+
+    {"config": ..., "tokenizer": ..., "chat_template": ..., "weights": ...}, or {"gguf": ...} for a .gguf file
+
+    config, tokenizer and chat_template hash the contents of those small files (config.json and
+    generation_config.json; tokenizer.json, tokenizer_config.json without its chat template, vocab,
+    merges, sentencepiece models; chat_template.jinja/.json, the template inside tokenizer_config.json
+    and additional_chat_templates/). Weights files (*.safetensors, *.bin, *.gguf, ...) are far too big
+    to hash at every start: their name, size and modification time stand for them, so rewriting a
+    file in place is seen, while copying the model without keeping times (`cp` without `-p`) also
+    counts as a change. A .gguf model holds everything in its one file: its one part is that
+    file's name, size and time. A hub id uses its cached snapshot's files and, for weights (not downloaded
+    yet at the first start), the snapshot's commit; call it after the config and tokenizer are loaded.
+    """
+    from .data import sha256_text  # data imports this module at its top
+
+    folder = _snapshot_folder(src)
+    if src.gguf_file:
+        return {"gguf": sha256_text(_stat_line(folder / src.gguf_file))}
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    names = {p.name: p for p in files}
+
+    def digest(parts: list[tuple[str, bytes]]) -> str:
+        h = hashlib.sha256()
+        for name, data in parts:
+            h.update(f"{name}\0{len(data)}\0".encode("utf-8") + data)
+        return h.hexdigest()
+
+    tokenizer_config, template = names.get("tokenizer_config.json"), b""
+    tok_parts = []
+    for p in files:
+        if not _is_tokenizer_file(p.name):
+            continue
+        data = p.read_bytes()
+        if p == tokenizer_config:  # its chat template is a part of its own
+            data, template = _split_template(data)
+        tok_parts.append((p.name, data))
+    template_parts = [("tokenizer_config.json:chat_template", template)]
+    template_parts += [(n, names[n].read_bytes()) for n in _TEMPLATE_NAMES if n in names]
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        template_parts += [(f"{extra.name}/{p.name}", p.read_bytes()) for p in sorted(extra.iterdir()) if p.is_file()]
+    if src.path != str(folder):  # a hub id: the snapshot's commit names its weights
+        weights = sha256_text(folder.name)
+    else:
+        weights = sha256_text("\n".join(_stat_line(p) for p in files if p.name.endswith(_WEIGHT_SUFFIXES)))
+    return {
+        "config": digest([(n, names[n].read_bytes()) for n in _CONFIG_NAMES if n in names]),
+        "tokenizer": digest(tok_parts),
+        "chat_template": digest(template_parts),
+        "weights": weights,
+    }
+
+
+def _snapshot_folder(src: ModelSource) -> Path:
+    """The folder holding the model's files: the local one, or a hub id's cached snapshot."""
+    folder = Path(src.path)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(src.path, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else folder
+
+
+def _split_template(tokenizer_config: bytes) -> tuple[bytes, bytes]:
+    """(tokenizer_config.json without "chat_template", that template as bytes)."""
+    import json
+
+    try:
+        data = json.loads(tokenizer_config)
+    except ValueError:
+        return tokenizer_config, b""
+    if not isinstance(data, dict):
+        return tokenizer_config, b""
+    template = data.pop("chat_template", None)
+    rest = json.dumps(data, sort_keys=True).encode("utf-8")
+    return rest, json.dumps(template, sort_keys=True).encode("utf-8") if template is not None else b""
+
+
+def _stat_line(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name} {st.st_size} {st.st_mtime_ns}"
+
+

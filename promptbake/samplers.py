@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from .render import stop_token_ids
 from .sampling import RolloutModel, rollout_dtype, sample, sample_with_generate
 
 
@@ -29,23 +30,13 @@ class SamplingArgs:
 
     @classmethod
     def for_model(cls, tokenizer, model, *, max_new_tokens: int, temperature: float, top_p: float = 1.0):
-        return cls(max_new_tokens, temperature, top_p, eos_token_ids(tokenizer, model), tokenizer.pad_token_id)
+        """Stop where a chat server stops: EOS, the generation config's ids and the template's end of turn."""
+        stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        return cls(max_new_tokens, temperature, top_p, stops, tokenizer.pad_token_id)
 
     def kwargs(self) -> dict:
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                     eos_ids=self.eos_ids, pad_id=self.pad_id)
-
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a turn: the tokenizer's EOS plus the generation config's (often a list)."""
-    ids = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, gen_eos):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return sorted(ids)
 
 
 class Sampler(Protocol):

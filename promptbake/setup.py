@@ -8,29 +8,34 @@ public way to build the student/teacher pair (benchmarks and tests use them too)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 
-from .bakekey import BakeKey, bake_key, check_out
+from .bakekey import BakeKey, bake_key, compare
 from .checkpoint import WorkFolder, run_settings
 from .checks import Check, checks_for
 from .config import DistillConfig
-from .data import Messages, PromptSet, load_prompt_set, read_system_prompt, split_holdout
-from .errors import ContextTooLongError, InputError
+from .data import BUNDLED_SETS, Messages, PromptSet, load_prompt_set, read_system_prompt, read_text_file, split_holdout
+from .errors import ContextTooLongError, InputError, OutputExistsError, first_line, note
+from .lock import lock_output
 from .models import (ModelSource, check_tokenizers_match, context_length, load_config, load_model, load_tokenizer,
-                     pick_device_and_dtype, resolve_model, resolve_quant)
-from .render import Renderer
+                     model_fingerprint, pick_device_and_dtype, resolve_model, resolve_quant)
+from .output import check_output
+from .preflight import check_kl_topk, check_lora_targets, layer_names
+from .render import Renderer, check_teacher_sees_prompt
 
 
 @dataclass
 class Inputs:
     """Everything distill reads from the user's files, checked, before torch is imported."""
 
+    out: Path  # --out made absolute once, at the start: nothing later depends on the working directory
     system: str
     prompt_set: PromptSet
     checks: list[Check]
@@ -41,15 +46,23 @@ class Inputs:
     out_status: str  # bakekey.compare: absent, up_to_date or different
     out_why: str  # that status in words
     replace_out: bool  # publishing may replace --out (--overwrite, or --force on this same bake)
+    forced: bool  # --force: bake even if --out is up to date
 
     @property
     def up_to_date(self) -> bool:
-        """--out already holds this bake and --force wasn't given: distill has nothing to do."""
-        return self.out_status == "up_to_date" and not self.replace_out
+        """--out already holds this bake and --force wasn't given: distill has nothing to do (--overwrite or not)."""
+        return self.out_status == "up_to_date" and not self.forced
 
 
 def read_inputs(cfg: DistillConfig, *, force: bool = False) -> Inputs:
     cfg.validate()
+    # --out first: one that is, holds or lies inside an input (or the working directory), or an
+    # existing folder --overwrite may not replace, is refused before anything else is read; an
+    # existing one is refused only once the bake key says it isn't this same bake.
+    try:
+        out, exists = check_output(cfg.out, cfg.overwrite, inputs=input_paths(cfg)), None
+    except OutputExistsError as err:
+        out, exists = None, err
     system = read_system_prompt(cfg.prompt)
     prompt_set = load_prompt_set(cfg.prompts, prompt_field=cfg.prompt_field, split=cfg.split,
                                  max_prompts=cfg.max_prompts, seed=cfg.seed)
@@ -59,8 +72,32 @@ def read_inputs(cfg: DistillConfig, *, force: bool = False) -> Inputs:
     teacher_src = resolve_model(cfg.teacher, "teacher model", allow_pickle=cfg.allow_pickle) if cfg.teacher else None
     key = bake_key(cfg, system=system, prompts=prompt_set.prompts, template=template, src=src,
                    teacher_src=teacher_src, checks=checks)
-    status, why, replace_out = check_out(cfg, key, force=force)  # the output checks (check_output) run here
-    return Inputs(system, prompt_set, checks, template, src, teacher_src, key, status, why, replace_out)
+    status, why = compare(cfg.out, key)
+    replace_out = cfg.overwrite or (status == "up_to_date" and force)
+    if exists is not None:
+        if status != "up_to_date":
+            raise exists
+        # This same bake: left alone, or (--force) replaced as --overwrite would.
+        out = check_output(cfg.out, True, inputs=input_paths(cfg)) if force else Path(cfg.out).absolute()
+    return Inputs(out, system, prompt_set, checks, template, src, teacher_src, key, status, why, replace_out, force)
+
+
+def input_paths(cfg: DistillConfig) -> dict[str, Path | None]:
+    """The local paths a bake reads, by option, for `output.check_output` (hub ids and bundled sets aren't paths)."""
+    prompts = None if cfg.prompts in BUNDLED_SETS else Path(cfg.prompts)
+    return {"--model": Path(cfg.model), "--teacher": Path(cfg.teacher) if cfg.teacher else None,
+            "--prompt": cfg.prompt, "--prompts": prompts, "--chat-template": cfg.chat_template,
+            "--checks": cfg.checks}
+
+
+@contextlib.contextmanager
+def hold_output(cfg: DistillConfig, console: Console) -> Iterator[None]:
+    """The bake's claim on cfg.out (absolute): its lock, held until the output is published and the work
+    folder gone. Taking it cleans what bakes killed on this output left, after which --out is checked again
+    (an earlier output may have been put back)."""
+    with lock_output(cfg.out, note=lambda message: note(console, message)):
+        check_output(cfg.out, cfg.overwrite, inputs=input_paths(cfg))
+        yield
 
 
 @dataclass
@@ -81,6 +118,7 @@ class Run:
     pair: Any  # pair.StudentTeacher
     params: list  # the trainable (LoRA) parameters
     optimizer: Any
+    fingerprints: dict  # {"model": ..., "teacher": ... or None}: models.model_fingerprint, for the record
 
 
 def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
@@ -88,17 +126,20 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
     quiet_libraries()
     import torch
 
-
     device, dtype = pick_device_and_dtype()
     quant = resolve_quant(cfg.quant, device)
-    # A stopped bake left OUT.work/: resume it if the settings match, refuse (naming one) if not.
-    settings = run_settings(cfg, system=inputs.system, prompts=inputs.prompt_set.prompts, template=inputs.template,
-                            quant=quant, dtype=dtype)
-    work = WorkFolder.open(cfg.out, settings, steps=cfg.steps, resume=cfg.resume, console=console)
     trust = cfg.trust_remote_code
     tok, renderer, config, prompt_set, train, heldout, vocab = read_model_files(cfg, inputs, console)
 
-    console.print(f"loading {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}, quant {quant})")
+    # A stopped bake left OUT.work/: resume it if the settings match, refuse (naming one) if not. The
+    # models' fingerprints are taken now that a hub model's config and tokenizer are in the cache.
+    fingerprints = model_fingerprints(inputs)
+    settings = run_settings(cfg, system=inputs.system, prompts=inputs.prompt_set.prompts, template=inputs.template,
+                            quant=quant, dtype=dtype, fingerprints=fingerprints)
+    work = WorkFolder.open(cfg.out, settings, steps=cfg.steps, resume=cfg.resume, console=console)
+
+    console.print(f"loading {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}, quant {quant})",
+                  markup=False, highlight=False, soft_wrap=True)
     torch.manual_seed(cfg.seed)  # the LoRA init
     load = dict(quant=quant, device=device, dtype=dtype, trust_remote_code=trust)
     student = add_lora(load_model(inputs.src, **load), cfg)
@@ -107,7 +148,18 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     return Run(device, dtype, quant, work, tok, renderer, config, prompt_set, train, heldout, student, pair,
-               params, optimizer)
+               params, optimizer, fingerprints)
+
+
+def model_fingerprints(inputs: Inputs) -> dict[str, dict | None]:
+    """`models.model_fingerprint` of the model and the teacher. A --chat-template replaces the model's own
+    template, so the model's is left out then: changing it changes nothing."""
+    fingerprints = {"model": model_fingerprint(inputs.src),
+                    "teacher": model_fingerprint(inputs.teacher_src) if inputs.teacher_src else None}
+    if inputs.template is not None:
+        for fingerprint in filter(None, fingerprints.values()):
+            fingerprint.pop("chat_template", None)
+    return fingerprints
 
 
 def read_model_files(cfg: DistillConfig, inputs: Inputs, console: Console):
@@ -118,20 +170,28 @@ def read_model_files(cfg: DistillConfig, inputs: Inputs, console: Console):
     trust = cfg.trust_remote_code
     tok = load_tokenizer(inputs.src, chat_template=inputs.template, trust_remote_code=trust)
     renderer = Renderer(tok, inputs.system, cfg.model)
+    check_teacher_sees_prompt(renderer, f"--chat-template {cfg.chat_template}" if cfg.chat_template
+                              else f"the chat template of {cfg.model}")
     if not renderer.system_role:
         console.print("[yellow]note:[/] the chat template has no system role; the teacher gets the system prompt "
                       "at the start of the first user turn.")
     config = load_config(inputs.src, trust_remote_code=trust)
-    prompt_set = fit_context(inputs.prompt_set, renderer, context_length(config), cfg.max_new_tokens)
-    console.print(f"prompts: {prompt_set.describe()}", markup=False, highlight=False, soft_wrap=True)
-    train, heldout = split_holdout(prompt_set.prompts, cfg.holdout, cfg.seed)
+    # Options the config alone can refute, before a minute of loading weights.
+    if cfg.export == "gguf":
+        from .export import check_exportable
+
+        check_exportable(config.model_type)
     vocab = config.get_text_config().vocab_size
-    if cfg.kl_topk > vocab:
-        raise InputError(f"--kl-topk {cfg.kl_topk} is larger than the vocabulary ({vocab} tokens); use 0 for exact KL.")
+    check_kl_topk(cfg.kl_topk, vocab)
+    if cfg.lora_targets != "all-linear":
+        check_lora_targets(cfg.lora_targets, layer_names(config, trust_remote_code=trust))
     if inputs.teacher_src:
         teacher_tok = load_tokenizer(inputs.teacher_src, chat_template=inputs.template, trust_remote_code=trust)
         teacher_config = load_config(inputs.teacher_src, trust_remote_code=trust)
         vocab = check_tokenizers_match(tok, teacher_tok, vocab, teacher_config.get_text_config().vocab_size)
+    prompt_set = fit_context(inputs.prompt_set, renderer, context_length(config), cfg.max_new_tokens)
+    console.print(f"prompts: {prompt_set.describe()}", markup=False, highlight=False, soft_wrap=True)
+    train, heldout = split_holdout(prompt_set.prompts, cfg.holdout, cfg.seed)
     return tok, renderer, config, prompt_set, train, heldout, vocab
 
 
@@ -145,7 +205,7 @@ def add_lora(base, cfg: DistillConfig):
     try:
         return get_peft_model(base, lora)
     except ValueError as err:
-        raise InputError(f"--lora-targets {cfg.lora_targets}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"--lora-targets {cfg.lora_targets}: {first_line(err)}") from None
 
 
 def build_pair(student, renderer, cfg: DistillConfig, *, vocab: int, quant: str, teacher=None):
@@ -176,13 +236,7 @@ def read_template(path: Path | None) -> str | None:
     """The --chat-template file's text (None when not given)."""
     if path is None:
         return None
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--chat-template {path} does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"--chat-template {path} is not UTF-8 text.") from None
+    text = read_text_file(Path(path), "--chat-template")  # a regular file, at most 1 MiB
     if not text.strip():
         raise InputError(f"--chat-template {path} is empty.")
     return text

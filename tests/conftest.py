@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# .gguf conversions (promptbake/gguf_cache.py) go to a cache folder of the session's own, never the
+# user's ~/.cache. Set PROMPTBAKE_CACHE yourself to keep the real models' conversions between runs.
+if not os.environ.get("PROMPTBAKE_CACHE"):
+    os.environ["PROMPTBAKE_CACHE"] = tempfile.mkdtemp(prefix="promptbake-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["PROMPTBAKE_CACHE"], ignore_errors=True)
 
 import tiny  # noqa: E402
 

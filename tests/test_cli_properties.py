@@ -1,9 +1,11 @@
-"""Property: whatever files and option values a user gives `distill`, the answer is a finished bake or one
-clean `error:` line with a non-zero exit: never a traceback, never a half-written output."""
+"""Property: whatever files, option values and --out a user gives `distill`, the answer is a finished bake or one
+clean `error:` line with a non-zero exit: never a traceback, never a half-written output, never a lost file."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -66,33 +68,93 @@ flags = st.lists(st.sampled_from(["--resume", "--no-prefix-reuse", "--record-pro
                  unique=True, max_size=1)
 
 
+# Where --out points, relative to the inputs and the working directory (tmp/work). Only the first
+# three may ever bake; every other one must be refused with everything in its place.
+OUT_RELATIONS = {
+    "fresh": "{tmp}/baked", "fresh, nested": "{tmp}/new/deep/baked", "empty folder": "{tmp}/emptydir",
+    "the model": "{tmp}/model", "inside the model": "{tmp}/model/baked", "holds the inputs": "{tmp}",
+    "the system prompt file": "{tmp}/system.txt", "a folder of user files": "{tmp}/userdir",
+    "a symlink to user files": "{tmp}/link", "the working directory": ".", "above it": "..",
+    "the working directory, absolute": "{tmp}/work", "the working directory by ../work": "../work",
+}
+MAY_BAKE = ("fresh", "fresh, nested", "empty folder")
+out_relation = st.sampled_from([*["fresh"] * 6, *OUT_RELATIONS])
+
+
+def every_file(folder: Path) -> dict[str, bytes]:
+    """Each file under `folder` (not following symlinks) and what it holds."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                found[str(path.relative_to(folder))] = path.read_bytes()
+    return found
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt_set=prompt_set, system=system_prompt, options=options, flags=flags)
-def test_any_input_gives_a_bake_or_one_error_line(tiny_model, prompt_set, system, options, flags):
+@given(prompt_set=prompt_set, system=system_prompt, options=options, flags=flags, relation=out_relation)
+def test_any_input_gives_a_bake_or_one_error_line(tiny_model, prompt_set, system, options, flags, relation):
+    check_one_bake(tiny_model, prompt_set, system, options, flags, relation)
+
+
+GOOD_PROMPTS = (".txt", "\n".join(f"Tell me fact number {i} about the sea." for i in range(12)).encode())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(relation=st.sampled_from(list(OUT_RELATIONS)), overwrite=st.booleans())
+def test_any_out_gives_a_bake_or_a_refusal_that_loses_nothing(tiny_model, relation, overwrite):
+    """Valid inputs, so that only --out decides: every relation is tried with and without --overwrite."""
+    check_one_bake(tiny_model, GOOD_PROMPTS, b"Talk like a pirate.", [], ["--overwrite"] if overwrite else [],
+                   relation)
+
+
+def check_one_bake(tiny_model, prompt_set, system, options, flags, relation):
     suffix, content = prompt_set
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        shutil.copytree(tiny_model, tmp / "model")  # a copy: --out may point at it
         (tmp / f"prompts{suffix}").write_bytes(content)
         (tmp / "system.txt").write_bytes(system)
         (tmp / "empty.jinja").write_text("")
         (tmp / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }")
         (tmp / "chatml.jinja").write_text(CHATML)
-        out = tmp / "baked"
-        args = ["distill", "--model", str(tiny_model), "--prompt", str(tmp / "system.txt"),
-                "--prompts", str(tmp / f"prompts{suffix}"), "--out", str(out), "--steps", "1", "--batch-size", "2",
+        for folder in ("work", "userdir"):
+            (tmp / folder).mkdir()
+            (tmp / folder / "mine.txt").write_text(f"the user's file in {folder}")
+        (tmp / "emptydir").mkdir()
+        (tmp / "link").symlink_to(tmp / "userdir")
+        before = every_file(tmp)
+        out_arg = OUT_RELATIONS[relation].format(tmp=tmp)
+        args = ["distill", "--model", str(tmp / "model"), "--prompt", str(tmp / "system.txt"),
+                "--prompts", str(tmp / f"prompts{suffix}"), "--out", out_arg, "--steps", "1", "--batch-size", "2",
                 "--max-new-tokens", "4"]
         for name, value in options:
             args += [name, str(tmp / value) if name == "--chat-template" else str(value)]
-        result = CliRunner().invoke(app, [*args, *flags])
+        cwd = os.getcwd()
+        os.chdir(tmp / "work")
+        try:
+            result = CliRunner().invoke(app, [*args, *flags])
+            out = Path(os.path.abspath(out_arg))
+        finally:
+            os.chdir(cwd)
 
         last = result.output.strip().splitlines()[-1] if result.output.strip() else ""
-        event(f"exit {result.exit_code}: {' '.join(last.replace(str(tmp), '').split()[:9]) or 'baked'}")
+        said = "baked" if result.exit_code == 0 else " ".join(last.replace(str(tmp), "").split()[:9])
+        event(f"exit {result.exit_code}: {said}")
+        event(f"--out {relation}: exit {result.exit_code}")
         assert "Traceback" not in result.output
         assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        after = every_file(tmp)
+        assert {k: after.get(k) for k in before} == before  # nothing the user had is changed or gone
         if result.exit_code == 0:
-            assert (out / "model.safetensors").is_file() and not (tmp / "baked.work").exists()
+            assert relation in MAY_BAKE, f"--out {relation} baked"
+            assert (out / "model.safetensors").is_file() and not out.with_name(f"{out.name}.work").exists()
         else:
             assert result.exit_code in (2, 3), result.output
             assert last.startswith("error: "), result.output
-            assert not out.exists()
-        assert not [p for p in tmp.iterdir() if p.name.startswith(".baked.")]  # no staging left behind
+            if relation.startswith("fresh"):
+                assert not out.exists()
+        beside = list(out.parent.iterdir()) if out.parent.is_dir() else []
+        leftovers = [p for p in beside if p.name.startswith(f".{out.name}.")]
+        assert leftovers == []  # no staging folder, no lock file

@@ -93,12 +93,12 @@ def test_separate_teacher_with_same_tokenizer(tiny_dir, sys_prompt, prompt_set, 
 
 
 def test_overwrite_replaces_previous_output(tiny_dir, sys_prompt, prompt_set, tmp_path):
+    # A finished bake is replaced whole; a folder holding anything else is refused (tests/test_cli_safety.py).
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous")
-    result = bake(tiny_dir, sys_prompt, prompt_set, out, "--steps", "1", "--overwrite")
+    assert bake(tiny_dir, sys_prompt, prompt_set, out, "--steps", "1").exit_code == 0
+    result = bake(tiny_dir, sys_prompt, prompt_set, out, "--steps", "2", "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prompts.txt", "sys.txt"]
 
 
@@ -111,3 +111,26 @@ def test_quantised_training_merges_into_full_precision(tiny_dir, sys_prompt, pro
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg  # merged into the unquantised base
     assert json.loads((out / "promptbake.json").read_text())["resolved"]["quant"] == quant
+
+
+def test_heldout_measurement_is_capped_and_reports_its_precision(tiny_dir, sys_prompt, prompt_set, tmp_path):
+    out = tmp_path / "capped"
+    r = runner.invoke(app, ["distill", "--model", str(tiny_dir), "--prompt", str(sys_prompt), "--out", str(out),
+                            "--prompts", str(prompt_set), "--holdout", "0.4", "--heldout-prompts", "3", "--steps", "1",
+                            "--batch-size", "2", "--max-new-tokens", "6", "--no-eval"])
+    assert r.exit_code == 0, r.output
+    held = json.loads((out / "promptbake.json").read_text())["results"]["heldout"]
+    assert held["prompts"] == 3  # of the 8 held out
+    assert held["stderr_before"] > 0 and held["seconds"] > 0
+    assert "(3 prompts, " in r.stderr
+
+
+def test_per_token_mean_and_its_standard_error():
+    from promptbake.train import per_token_mean
+
+    # Three prompts: per-token KL 0.1 on 10 tokens, 0.3 on 10, 0.2 on 20 -> mean 8 / 40 = 0.2.
+    mean, se = per_token_mean([1.0, 3.0, 4.0], [10, 10, 20])
+    assert mean == pytest.approx(0.2)
+    # Residuals s - mean * c: -1, 1, 0 -> var 1; se = sqrt(3 * 1) / 40.
+    assert se == pytest.approx(3 ** 0.5 / 40)
+    assert per_token_mean([], []) == (0.0, 0.0)

@@ -21,7 +21,7 @@ from promptbake.checks import load_checks
 from promptbake.data import bundled_dir, load_prompts, read_system_prompt
 from promptbake.config import EvalConfig
 from promptbake.eval import evaluate
-from promptbake.eval.measure import spread
+from promptbake.data import spread
 from promptbake.eval.systems import ComparedModels as Systems
 
 pytestmark = pytest.mark.slow

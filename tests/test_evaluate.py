@@ -23,7 +23,7 @@ from promptbake.checks import parse_checks
 from promptbake.cli import app
 from promptbake.config import EvalConfig
 from promptbake.eval import KL, CheckRates, EvalReport, apply_gates, evaluate, gap_closed
-from promptbake.eval.measure import spread
+from promptbake.data import spread
 from promptbake.eval.report import write_report
 from promptbake.losses import chunked_kl as token_kl
 from promptbake.losses import token_forward_kl

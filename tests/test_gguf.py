@@ -83,7 +83,8 @@ def write_gguf(path: Path, tok, model) -> Path:
         writer.add_tensor(f"blk.{i}.ffn_up.weight", sd[layer + "mlp.up_proj.weight"])
         writer.add_tensor(f"blk.{i}.ffn_down.weight", sd[layer + "mlp.down_proj.weight"])
     writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    writer.add_tensor("output.weight", sd["lm_head.weight"])
+    if not cfg.tie_word_embeddings:  # as llama.cpp does: a tied model has no output.weight
+        writer.add_tensor("output.weight", sd["lm_head.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -14,13 +14,6 @@ from .report import SYSTEMS, CheckRates
 from .systems import ComparedModels
 
 
-def spread(prompts: list, n: int) -> list:
-    """At most n items, evenly spaced through the list (sets are grouped by kind, so not just the first n)."""
-    if len(prompts) <= n:
-        return list(prompts)
-    return [prompts[i * len(prompts) // n] for i in range(n)]
-
-
 def measure(models: ComparedModels, prompts: list[Messages], ood: list[Messages], checks: list[Check], *, seed: int,
             console: Console) -> dict:
     """Sample the three systems on `prompts` (and the baked one on `ood`); return every figure of a report."""

@@ -15,8 +15,9 @@ from rich.console import Console
 
 from ..checks import Check, checks_for
 from ..config import DistillConfig, EvalConfig
-from ..data import Messages, load_prompts, read_system_prompt, sha256_text
-from .measure import fit_prompts, measure, spread
+from ..data import Messages, load_prompts, read_system_prompt, sha256_text, spread
+from ..errors import note
+from .measure import fit_prompts, measure
 from .report import EvalReport, apply_gates, print_report, write_report
 from .systems import load_compared
 
@@ -32,10 +33,10 @@ def evaluate(cfg: EvalConfig, console: Console | None = None) -> EvalReport:
     prompts = spread(load_prompts(cfg.prompts), cfg.max_prompts)
     ood = spread(load_prompts(cfg.ood), cfg.max_prompts)
     if not checks:
-        console.print(f"[yellow]note:[/] no checks file; pass --checks FILE or put {Path(cfg.prompt).stem}.checks.toml "
-                      f"beside {cfg.prompt} to measure behaviour.")
+        note(console, f"no checks file; pass --checks FILE or put {Path(cfg.prompt).stem}.checks.toml beside "
+                      f"{cfg.prompt} to measure behaviour.")
 
-    models = load_compared(cfg.baked, cfg.model, system, **_loading(cfg), console=console)
+    models = load_compared(cfg.baked, cfg.model, system, **_loading(cfg), force=cfg.force, console=console)
     prompts = fit_prompts(prompts, models, cfg.max_new_tokens, console)
     ood = fit_prompts(ood, models, cfg.max_new_tokens, console)
     figures = measure(models, prompts, ood, checks, seed=cfg.seed, console=console)

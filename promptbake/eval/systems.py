@@ -13,8 +13,10 @@ from pathlib import Path
 from rich.console import Console
 
 from ..data import Messages
-from ..errors import InputError
-from ..models import ModelSource, load_config, load_model, load_tokenizer, pick_device_and_dtype, resolve_model
+from ..errors import InputError, note
+from ..models import (ModelSource, load_config, load_model, load_tokenizer, model_fingerprint, pick_device_and_dtype,
+                      resolve_model)
+from ..provenance import check_bake_inputs, check_same_tokenizer
 from ..render import Renderer
 from ..setup import quiet_libraries, read_template
 from .report import KL
@@ -119,18 +121,27 @@ def check_same_base(baked_dir: Path, baked_config, base_config, model: str, what
 
 def load_compared(baked: Path, model: str, system_prompt: str, *, max_new_tokens: int, temperature: float,
                   batch_size: int = 8, chunk_size: int = 128, chat_template: Path | None = None,
-                  trust_remote_code: bool = False, allow_pickle: bool = False, console: Console,
-                  what: str = "--baked") -> ComparedModels:
-    """Load the base model (for teacher and base) and the baked checkpoint, after checking they match."""
+                  trust_remote_code: bool = False, allow_pickle: bool = False, force: bool = False,
+                  console: Console, what: str = "--baked") -> ComparedModels:
+    """Load the base model (for teacher and base) and the baked checkpoint, after checking they match.
+
+    Matching: the bake's promptbake.json names the base and the prompt's SHA-256, and the two
+    tokenizers must agree; a mismatch is an error unless `force` (then a note).
+    """
     template = read_template(chat_template)
     baked_src = resolve_baked(baked, what)
     src = resolve_model(model, allow_pickle=allow_pickle)
     quiet_libraries()
+    told = lambda message: note(console, message)  # noqa: E731
 
     base_config = load_config(src, trust_remote_code=trust_remote_code)
+    check_bake_inputs(Path(baked), model=model, system=system_prompt, fingerprint=model_fingerprint(src),
+                      force=force, what=what, note=told)
     baked_config = load_config(baked_src, trust_remote_code=trust_remote_code)
     check_same_base(Path(baked), baked_config, base_config, model, what)
     tok = load_tokenizer(src, chat_template=template, trust_remote_code=trust_remote_code)
+    baked_tok = load_tokenizer(baked_src, trust_remote_code=trust_remote_code)
+    check_same_tokenizer(baked_tok, tok, baked=Path(baked), model=model, force=force, what=what, note=told)
     renderer = Renderer(tok, system_prompt, model)
     device, dtype = pick_device_and_dtype()
     console.print(f"loading {model} and {baked} ({device.type}, {str(dtype).removeprefix('torch.')})", markup=False)

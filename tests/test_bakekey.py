@@ -148,8 +148,9 @@ def test_resumed_bake_counts_every_process(tiny_model, prompt_files, tmp_path, m
 
     def stop_at_step_3(self, ro):
         calls["n"] += 1
+        if calls["n"] == 2:
+            time.sleep(1.0)  # time the first process spends before its step-2 checkpoint: the record must include it
         if calls["n"] == 3:
-            time.sleep(1.0)  # time the first process spends, which the record must include
             os.kill(os.getpid(), 2)
         return original(self, ro)
 

@@ -137,6 +137,7 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
     settings = run_settings(cfg, system=inputs.system, prompts=inputs.prompt_set.prompts, template=inputs.template,
                             quant=quant, dtype=dtype, fingerprints=fingerprints)
     work = WorkFolder.open(cfg.out, settings, steps=cfg.steps, resume=cfg.resume, console=console)
+    console.print(f"prompts: {prompt_set.describe()}", markup=False, highlight=False, soft_wrap=True)
 
     console.print(f"loading {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}, quant {quant})",
                   markup=False, highlight=False, soft_wrap=True)
@@ -190,7 +191,6 @@ def read_model_files(cfg: DistillConfig, inputs: Inputs, console: Console):
         teacher_config = load_config(inputs.teacher_src, trust_remote_code=trust)
         vocab = check_tokenizers_match(tok, teacher_tok, vocab, teacher_config.get_text_config().vocab_size)
     prompt_set = fit_context(inputs.prompt_set, renderer, context_length(config), cfg.max_new_tokens)
-    console.print(f"prompts: {prompt_set.describe()}", markup=False, highlight=False, soft_wrap=True)
     train, heldout = split_holdout(prompt_set.prompts, cfg.holdout, cfg.seed)
     return tok, renderer, config, prompt_set, train, heldout, vocab
 

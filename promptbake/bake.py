@@ -16,19 +16,25 @@ from rich.console import Console
 
 from .config import DistillConfig
 from .errors import TrainingError, describe, is_out_of_memory
-from .finish import DistillResult, finish, print_summary
+from .finish import DistillResult, already_baked, finish, print_summary
 from .setup import hold_output, prepare, read_inputs
 from .train import HeldoutKL, diverged, heldout_kl, train
 
 
-def distill(cfg: DistillConfig, console: Console | None = None) -> DistillResult:
-    """Bake cfg.prompt into cfg.model; write the merged checkpoint to cfg.out."""
+def distill(cfg: DistillConfig, console: Console | None = None, *, force: bool = False) -> DistillResult:
+    """Bake cfg.prompt into cfg.model; write the merged checkpoint to cfg.out.
+
+    An --out that already holds this bake (same bake key, bakekey.py) is left as it is and its
+    record returned, unless `force`: then it is baked again and replaced.
+    """
     console = console or Console(stderr=True)
     started = time.time()
 
     # 1. Inputs: every file and option checked without torch, in about a second; --out made absolute.
-    inputs = read_inputs(cfg)
-    cfg = replace(cfg, out=inputs.out)
+    inputs = read_inputs(cfg, force=force)
+    if inputs.up_to_date:
+        return already_baked(cfg, inputs, console)
+    cfg = replace(cfg, out=inputs.out, overwrite=cfg.overwrite or inputs.replace_out)
     # One bake per output: the lock beside it is held until the output is published and the work folder gone.
     with hold_output(cfg, console):
         # 2. Setup: tokenizer, renders, prompt split, work folder, the base weights once (frozen) + LoRA.

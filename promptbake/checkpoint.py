@@ -94,6 +94,11 @@ class WorkFolder:
 
     def __init__(self, path: Path, state: dict, console: Console):
         self.path, self.state, self.console = path, state, console
+        # Each process of a bake adds its own entry, updated whenever the state or a checkpoint is written,
+        # so the finished bake can report what all its processes cost together.
+        self._started = time.time()
+        self._process = len(state.setdefault("process_seconds", []))
+        state["process_seconds"].append(0.0)
 
     @classmethod
     def open(cls, out: Path, settings: dict, *, steps: int, resume: bool, console: Console) -> WorkFolder:
@@ -167,6 +172,7 @@ class WorkFolder:
                              "Free some space and run the same command again.") from None
         for old in self.checkpoints()[:-KEEP]:
             old.unlink(missing_ok=True)
+        self._write_state()  # this process's seconds so far
 
     def restore(self, model, optimizer) -> int:
         """Load the newest readable checkpoint into model and optimizer; return its step (0: none)."""
@@ -211,7 +217,12 @@ class WorkFolder:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def earlier_seconds(self) -> list[float]:
+        """Wall seconds of each earlier process of this bake (up to its last write here); [] for a new bake."""
+        return [float(s) for s in self.state["process_seconds"][:self._process]]
+
     def _write_state(self) -> None:
+        self.state["process_seconds"][self._process] = round(time.time() - self._started, 1)
         text = json.dumps(self.state, indent=2) + "\n"
         try:
             self.path.mkdir(parents=True, exist_ok=True)

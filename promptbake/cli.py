@@ -8,12 +8,14 @@ Heavy modules (torch, transformers, peft) are imported inside commands.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
+import json
 import signal
 import sys
 import threading
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,6 +40,7 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 GATE_FAILED = 4  # exit code when a quality threshold is missed
+_FAILURE: dict = {}  # the last error line _run printed, for --json
 
 _TYPES = {"str": str, "Path": Path, "int": int, "float": float, "bool": bool,
           "str | None": Optional[str], "Path | None": Optional[Path], "float | None": Optional[float]}
@@ -60,11 +63,13 @@ def _config_parameters(cls, required: tuple[str, ...] = ("model", "prompt")) -> 
             decls = [flag(f.name)] if not f.default else [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"]
         else:
             decls = [flag(f.name)]
-        default = ... if f.name in _REQUIRED else (None if f.default is MISSING else f.default)
+        # Required options may come from --config, so typer asks for none; validate() names what is missing.
+        default = None if f.name in _REQUIRED or f.default is MISSING else f.default
         if isinstance(py_type, type) and issubclass(py_type, enum.Enum):
             default = py_type(default)
         if meta.get("argument"):
             option = typer.Argument(help=meta["help"], show_default=False)
+            py_type = Optional[py_type]
         else:
             option = typer.Option(*decls, **kwargs)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
@@ -81,13 +86,17 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except Interrupted as err:
         print_line(err_console, "interrupted", str(err), "bold red")
+        _FAILURE.update(error=f"interrupted: {err}")
         raise typer.Exit(err.exit_code) from None
     except PromptbakeError as err:
         print_line(err_console, "error", str(err), "bold red")  # never as markup: paths may hold [brackets]
+        _FAILURE.update(error=f"error: {err}")
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt as err:
-        err_console.print("[bold red]interrupted:[/] the output was not written; running the same command again "
-                          "continues from the last checkpoint, if one was saved.", highlight=False)
+        text = ("the output was not written; running the same command again continues from the last checkpoint, "
+                "if one was saved.")
+        err_console.print(f"[bold red]interrupted:[/] {text}", highlight=False)
+        _FAILURE.update(error=f"interrupted: {text}")
         raise typer.Exit(143 if isinstance(err, Terminated) else 130) from None
     finally:
         if on_main_thread:
@@ -111,16 +120,156 @@ def _gates(gates: list[dict]) -> None:
         raise typer.Exit(GATE_FAILED)
 
 
+# ---------------------------------------------------------------- in CI: --config, --json, --force, plan
+#
+# Kept apart from the commands above: each command calls _ci_options / _from_config / _json_result.
+
+_CI_HELP = {
+    "config": "TOML file of settings (keys are option names; [distill], [eval], [chat] tables). Flags override it.",
+    "json": "Print one JSON object with the results, gates, paths and exit code on stdout; all else goes to stderr.",
+    "force": "Bake again even if --out already holds this same bake (and replace it).",
+    "plan_force": "Plan as distill --force would: bake again even if --out is up to date.",
+}
+
+
+@dataclass
+class _CI:
+    ctx: typer.Context
+    config: Path | None
+    json: bool
+    force: bool
+
+
+def _ci_parameters(command: str) -> list[inspect.Parameter]:
+    """--config for every command; --json for distill, eval and plan; --force for distill and plan."""
+    def option(name: str, annotation, help_key: str | None = None):
+        is_flag = annotation is bool
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False if is_flag else None,
+                                 annotation=Annotated[bool if is_flag else Optional[annotation],
+                                                      typer.Option(flag(name), help=_CI_HELP[help_key or name])])
+
+    # typer passes the click context to a parameter typed typer.Context: it tells which flags were typed.
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+              option("config", Path)]
+    if command in ("distill", "eval", "plan"):
+        params.append(option("json", bool))
+    if command in ("distill", "plan"):
+        params.append(option("force", bool, "force" if command == "distill" else "plan_force"))
+    return params
+
+
+def _ci_options(options: dict, command: str) -> _CI:
+    """Take the options _ci_parameters added out of `options` (what is left are the config's fields)."""
+    force = options.pop("force", False) if command in ("distill", "plan") else False
+    return _CI(options.pop("ctx"), options.pop("config", None), options.pop("json", False), force)
+
+
+def _from_config(cls, command: str, options: dict, ci: _CI):
+    """cls(...) from the flags, with --config's values for every option not given on the command line."""
+    from .configfile import load_settings
+
+    values = _options(options)
+    if ci.config is not None:
+        typed = {name for name in options if _source(ci.ctx, name) in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")}
+        values.update({k: v for k, v in _run(load_settings, ci.config, command).items() if k not in typed})
+    return cls(**values)
+
+
+def _source(ctx: typer.Context, name: str) -> str | None:
+    """Where click took an option's value from (COMMANDLINE, DEFAULT, ...)."""
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else None
+
+
+@contextlib.contextmanager
+def _json_result(command: str, enabled: bool):
+    """With --json: whatever happens, end with one JSON object on stdout holding the exit code (and error)."""
+    result: dict = {}
+    _FAILURE.clear()  # (a fresh answer for each command run in this process)
+    code = 0
+    try:
+        yield result
+    except typer.Exit as done:
+        code = done.exit_code
+        raise
+    except Exception as err:  # a bug: still a JSON answer, then the traceback
+        code, _FAILURE["error"] = 1, f"internal error: {type(err).__name__}: {err}"
+        raise
+    finally:
+        if enabled:
+            gates = result.get("gates") or []
+            answer = {"command": command, "exit_code": code, "ok": code == 0, "error": _FAILURE.get("error"),
+                      "gates_passed": all(g["passed"] for g in gates) if gates else None, **result}
+            typer.echo(json.dumps(answer, indent=2, default=str))
+            _FAILURE["answered"] = True
+
+
+def distill_json(baked) -> dict:
+    """distill --json: where everything is, the bake key and the figures of promptbake.json."""
+    from .configfile import SETTINGS_FILE
+
+    record, out = baked.record, Path(baked.out)
+    return {
+        "up_to_date": baked.up_to_date,
+        "bake_key": (record.get("bake") or {}).get("key"),
+        "out": str(out),
+        "files": {"record": str(out / "promptbake.json"), "settings": str(out / SETTINGS_FILE),
+                  "metrics": str(out / "metrics.jsonl"), "adapter": str(out / "adapter")},
+        "results": record["results"],
+        "gates": (record["results"].get("eval") or {}).get("gates", []),
+    }
+
+
+def eval_json(report, cfg: EvalConfig) -> dict:
+    """eval --json: the report's figures (eval.json's content), its gates, files and the bake's key."""
+    from .bakekey import recorded_bake
+
+    record = recorded_bake(cfg.baked) or {}
+    folder = Path(cfg.report) if cfg.report is not None else None
+    return {
+        "baked": str(cfg.baked),
+        "bake_key": (record.get("bake") or {}).get("key"),
+        "files": {"json": str(folder / "eval.json"), "markdown": str(folder / "eval.md")} if folder else {},
+        "results": report.to_json(),
+        "gates": [g.to_json() for g in report.gates],
+    }
+
+
+def plan_command(**options):
+    """Check what distill checks before loading weights, and show what the bake will do and cost.
+
+    Reads the tokenizer and the model's config, never its weights. Exit codes: 0 ok, 2 bad input
+    (the same one-line errors distill gives).
+    """
+    from .plan import make_plan, print_plan
+
+    ci = _ci_options(options, "plan")
+    with _json_result("plan", ci.json) as result:
+        cfg = _from_config(DistillConfig, "plan", options, ci)
+        plan = _run(make_plan, cfg, err_console, force=ci.force)
+        print_plan(plan, err_console if ci.json else Console())
+        result.update(plan.to_json())
+
+
+
+
 def distill_command(**options):
-    """Bake --prompt into --model and write a merged checkpoint to --out."""
+    """Bake --prompt into --model and write a merged checkpoint to --out.
+
+    An --out that already holds this same bake (same bake key) is left as it is: exit 0 at once.
+    Exit codes: 0 ok or up to date, 2 bad input, 3 training or writing failed, 4 a gate was missed.
+    """
     from .bake import distill
 
-    cfg = DistillConfig(**_options(options))
-    result = _run(distill, cfg, err_console)
-    _gates((result.record["results"].get("eval") or {}).get("gates", []))
+    ci = _ci_options(options, "distill")
+    with _json_result("distill", ci.json) as result:
+        cfg = _from_config(DistillConfig, "distill", options, ci)
+        baked = _run(distill, cfg, err_console, force=ci.force)
+        result.update(distill_json(baked))
+        _gates((baked.record["results"].get("eval") or {}).get("gates", []))
 
 
-distill_command.__signature__ = inspect.Signature(_config_parameters(DistillConfig))
+distill_command.__signature__ = inspect.Signature(_config_parameters(DistillConfig) + _ci_parameters("distill"))
 app.command("distill", help=distill_command.__doc__)(distill_command)
 
 
@@ -206,19 +355,24 @@ def eval_command(**options):
 
     Exit codes: 0 ok, 2 bad input, 4 a --min-*/--max-* threshold was missed.
     """
-    cfg = EvalConfig(**_options(options))
-    report = _run(evaluate, cfg, err_console)
-    print_report(report, Console())
-    _gates([g.to_json() for g in report.gates])
+    ci = _ci_options(options, "eval")
+    with _json_result("eval", ci.json) as result:
+        cfg = _from_config(EvalConfig, "eval", options, ci)
+        report = _run(evaluate, cfg, err_console)
+        print_report(report, err_console if ci.json else Console())  # with --json, stdout holds only the JSON
+        result.update(eval_json(report, cfg))
+        _gates([g.to_json() for g in report.gates])
 
 
-eval_command.__signature__ = inspect.Signature(_config_parameters(EvalConfig, required=("baked", "model", "prompt")))
+eval_command.__signature__ = inspect.Signature(_config_parameters(EvalConfig, required=("baked", "model", "prompt"))
+                                               + _ci_parameters("eval"))
 app.command("eval", help=eval_command.__doc__)(eval_command)
 
 
 def chat_command(**options):
     """Ask the baked model, the prompted teacher and the base the same message; show the answers side by side."""
-    cfg = ChatConfig(**_options(options))
+    ci = _ci_options(options, "chat")
+    cfg = _from_config(ChatConfig, "chat", options, ci)
     _run(cfg.validate)
     interactive = cfg.message is None and sys.stdin.isatty()
     message = None if interactive else _run(_one_message, cfg.message)
@@ -237,7 +391,8 @@ def chat_command(**options):
             break
 
 
-chat_command.__signature__ = inspect.Signature(_config_parameters(ChatConfig, required=("baked", "model", "prompt")))
+chat_command.__signature__ = inspect.Signature(_config_parameters(ChatConfig, required=("baked", "model", "prompt"))
+                                               + _ci_parameters("chat"))
 app.command("chat", help=chat_command.__doc__)(chat_command)
 
 
@@ -254,6 +409,10 @@ def _one_message(message: str | None) -> str:
     if not text.strip():
         raise InputError("the message is empty: pass --message TEXT or pipe the text on stdin.")
     return text.strip()
+
+
+plan_command.__signature__ = inspect.Signature(_config_parameters(DistillConfig) + _ci_parameters("plan"))
+app.command("plan", help=plan_command.__doc__)(plan_command)
 
 
 @app.command("export")
@@ -282,7 +441,21 @@ def main(
 
 
 def entry() -> None:
-    sys.exit(app())
+    try:
+        code = app()
+    except SystemExit as done:
+        _json_usage_error(done.code)
+        raise
+    sys.exit(code)
+
+
+def _json_usage_error(code) -> None:
+    """--json and the command line itself was wrong (click refused it before the command ran): still answer."""
+    argv = sys.argv[1:]
+    if "--json" in argv and code not in (0, None) and not _FAILURE.get("answered"):
+        command = next((a for a in argv if not a.startswith("-")), None)
+        typer.echo(json.dumps({"command": command, "exit_code": code, "ok": False, "gates_passed": None,
+                               "error": "error: the command line was refused (the reason is on stderr)"}, indent=2))
 
 
 if __name__ == "__main__":  # python -m promptbake.cli

@@ -17,7 +17,9 @@ from pathlib import Path
 from rich.console import Console
 
 from . import __version__, merge
+from .bakekey import recorded_bake
 from .config import DistillConfig
+from .configfile import SETTINGS_FILE, resolved_toml
 from .data import sha256_text
 from .eval import evaluate_bake
 from .output import is_write_error, make_staging, output_files, publish, write_error, write_json, write_model_card
@@ -34,6 +36,7 @@ class DistillResult:
     wall_seconds: float
     peak_memory_mb: float
     record: dict = field(repr=False)
+    up_to_date: bool = False  # True: --out already held this bake and nothing was baked
 
 
 def finish(cfg: DistillConfig, inputs: Inputs, run: Run, before: HeldoutKL, after: HeldoutKL, started: float,
@@ -51,16 +54,20 @@ def finish(cfg: DistillConfig, inputs: Inputs, run: Run, before: HeldoutKL, afte
                           stop_ids=run.pair.sampling.eos_ids)  # the baked model stops where its rollouts did
         run.tok.save_pretrained(staging)
         shutil.copyfile(run.work.path / "metrics.jsonl", staging / "metrics.jsonl")
+        prefix = run.pair.prefix  # read before the training model is released
+        reused = prefix.length if prefix is not None and prefix.usable and not run.pair.prefix_misses else 0
+        release_training(run)  # the evaluation loads fresh copies: never hold those and the training model at once
         evaluation = evaluate_bake(cfg, staging, run.heldout, inputs.checks, console) if cfg.eval else None
-        wall = time.time() - started
+        wall, processes = whole_wall_seconds(run.work, started)
         peak_mb = peak_memory_mb(run.device)
         results = dict(heldout_kl_before=before.value, heldout_kl_after=after.value,
                        heldout={"prompts": after.prompts, "tokens_before": before.tokens, "tokens_after": after.tokens,
                                 "stderr_before": round(before.stderr, 6), "stderr_after": round(after.stderr, 6),
                                 "seconds": round(before.seconds + after.seconds, 1)},
-                       steps=cfg.steps, wall_seconds=round(wall, 1), peak_memory_mb=round(peak_mb, 1),
-                       eval=evaluation.to_json() if evaluation else None)
-        record = bake_record(cfg, inputs, run, results)
+                       steps=cfg.steps, wall_seconds=round(wall, 1), processes=processes,
+                       peak_memory_mb=round(peak_mb, 1), eval=evaluation.to_json() if evaluation else None)
+        record = bake_record(cfg, inputs, run, results, prefix_tokens_reused=reused)
+        write_settings(staging / SETTINGS_FILE, cfg, inputs)  # before the file list below, which must name it
         record["files"] = output_files(staging)  # what a later --overwrite may replace: nothing else
         write_json(staging / "promptbake.json", record)
         write_model_card(staging, record)
@@ -79,14 +86,54 @@ def finish(cfg: DistillConfig, inputs: Inputs, run: Run, before: HeldoutKL, afte
     return DistillResult(cfg.out, before.value, after.value, cfg.steps, wall, peak_mb, record)
 
 
-def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict) -> dict:
+def already_baked(cfg: DistillConfig, inputs: Inputs, console: Console) -> DistillResult:
+    """--out holds this very bake (same bake key): report it from its record instead of baking again."""
+    record = recorded_bake(cfg.out)
+    r = record["results"]
+    console.print(f"up to date: {inputs.out_why}; nothing to bake. Pass --force to bake again.",
+                  highlight=False, soft_wrap=True)
+    return DistillResult(cfg.out, r["heldout_kl_before"], r["heldout_kl_after"], r["steps"], r["wall_seconds"],
+                         r["peak_memory_mb"], record, up_to_date=True)
+
+
+def release_training(run: Run) -> None:
+    """Drop the training model, its pair (samplers hold a merged copy) and optimizer, and return their memory."""
+    import gc
+
+    import torch
+
+    run.student = run.pair = run.optimizer = None
+    run.params = []
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def whole_wall_seconds(work, started: float) -> tuple[float, int]:
+    """(seconds, processes) over every process of this bake: earlier ones from the work folder, this one to now.
+
+    An earlier process counts from its work folder opening to its last checkpoint or Ctrl-C/SIGTERM;
+    one killed outright (SIGKILL, out of memory) loses the time after its last checkpoint.
+    """
+    earlier = work.earlier_seconds()
+    return time.time() - started + sum(earlier), len(earlier) + 1
+
+
+def write_settings(path: Path, cfg: DistillConfig, inputs: Inputs) -> None:
+    """promptbake.toml: the resolved settings, which `--config` reads back to make this same bake."""
+    model = inputs.key.parts["model"]
+    text = resolved_toml(cfg, system_sha256=sha256_text(inputs.system), key=inputs.key.key,
+                         model_note=model if model.startswith("hub:") else None)
+    path.write_text(text, encoding="utf-8")
+
+
+def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict, *, prefix_tokens_reused: int) -> dict:
     """promptbake.json: what was baked from what, with which settings and versions, and the figures."""
     import peft
     import torch
     import transformers
 
-    config, pair, ps = run.config, run.pair, run.prompt_set
-    reused = pair.prefix.length if pair.prefix and pair.prefix.usable and not pair.prefix_misses else 0
+    config, ps = run.config, run.prompt_set
     probe = [{"role": "user", "content": "?"}]
     return {
         "promptbake_version": __version__,
@@ -103,11 +150,13 @@ def bake_record(cfg: DistillConfig, inputs: Inputs, run: Run, results: dict) -> 
         "architecture": (config.architectures or [config.model_type])[0],
         "vocab_size": config.get_text_config().vocab_size,
         "settings": cfg.to_record(),
+        "settings_file": SETTINGS_FILE,
+        "bake": inputs.key.to_record(),
         "resolved": {
             "device": run.device.type, "dtype": str(run.dtype).removeprefix("torch."), "quant": run.quant,
             "system_role": run.renderer.system_role,
-            "prefix_reuse": reused > 0,
-            "prefix_tokens_reused": reused,  # teacher tokens per row taken from the cached system prefix
+            "prefix_reuse": prefix_tokens_reused > 0,
+            "prefix_tokens_reused": prefix_tokens_reused,  # teacher tokens per row taken from the cached system prefix
         },
         "prompts": dict(source=cfg.prompts, read=ps.rows, dropped=ps.dropped, train=len(run.train),
                         heldout=len(run.heldout), dropped_too_long=ps.dropped.get("too_long", 0)),

@@ -17,11 +17,12 @@ from typing import Any, Iterator
 
 from rich.console import Console
 
+from .bakekey import BakeKey, bake_key, compare
 from .checkpoint import WorkFolder, run_settings
 from .checks import Check, checks_for
 from .config import DistillConfig
 from .data import BUNDLED_SETS, Messages, PromptSet, load_prompt_set, read_system_prompt, read_text_file, split_holdout
-from .errors import ContextTooLongError, InputError, first_line, note
+from .errors import ContextTooLongError, InputError, OutputExistsError, first_line, note
 from .lock import lock_output
 from .models import (ModelSource, check_tokenizers_match, context_length, load_config, load_model, load_tokenizer,
                      model_fingerprint, pick_device_and_dtype, resolve_model, resolve_quant)
@@ -41,13 +42,27 @@ class Inputs:
     template: str | None
     src: ModelSource
     teacher_src: ModelSource | None
+    key: BakeKey  # what decides the weights; recorded, and compared with what --out holds
+    out_status: str  # bakekey.compare: absent, up_to_date or different
+    out_why: str  # that status in words
+    replace_out: bool  # publishing may replace --out (--overwrite, or --force on this same bake)
+    forced: bool  # --force: bake even if --out is up to date
+
+    @property
+    def up_to_date(self) -> bool:
+        """--out already holds this bake and --force wasn't given: distill has nothing to do (--overwrite or not)."""
+        return self.out_status == "up_to_date" and not self.forced
 
 
-def read_inputs(cfg: DistillConfig) -> Inputs:
+def read_inputs(cfg: DistillConfig, *, force: bool = False) -> Inputs:
     cfg.validate()
     # --out first: one that is, holds or lies inside an input (or the working directory), or an
-    # existing folder --overwrite may not replace, is refused before anything else is read.
-    out = check_output(cfg.out, cfg.overwrite, inputs=input_paths(cfg))
+    # existing folder --overwrite may not replace, is refused before anything else is read; an
+    # existing one is refused only once the bake key says it isn't this same bake.
+    try:
+        out, exists = check_output(cfg.out, cfg.overwrite, inputs=input_paths(cfg)), None
+    except OutputExistsError as err:
+        out, exists = None, err
     system = read_system_prompt(cfg.prompt)
     prompt_set = load_prompt_set(cfg.prompts, prompt_field=cfg.prompt_field, split=cfg.split,
                                  max_prompts=cfg.max_prompts, seed=cfg.seed)
@@ -55,7 +70,16 @@ def read_inputs(cfg: DistillConfig) -> Inputs:
     template = read_template(cfg.chat_template)
     src = resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)
     teacher_src = resolve_model(cfg.teacher, "teacher model", allow_pickle=cfg.allow_pickle) if cfg.teacher else None
-    return Inputs(out, system, prompt_set, checks, template, src, teacher_src)
+    key = bake_key(cfg, system=system, prompts=prompt_set.prompts, template=template, src=src,
+                   teacher_src=teacher_src, checks=checks)
+    status, why = compare(cfg.out, key)
+    replace_out = cfg.overwrite or (status == "up_to_date" and force)
+    if exists is not None:
+        if status != "up_to_date":
+            raise exists
+        # This same bake: left alone, or (--force) replaced as --overwrite would.
+        out = check_output(cfg.out, True, inputs=input_paths(cfg)) if force else Path(cfg.out).absolute()
+    return Inputs(out, system, prompt_set, checks, template, src, teacher_src, key, status, why, replace_out, force)
 
 
 def input_paths(cfg: DistillConfig) -> dict[str, Path | None]:
@@ -105,27 +129,7 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
     device, dtype = pick_device_and_dtype()
     quant = resolve_quant(cfg.quant, device)
     trust = cfg.trust_remote_code
-    tok = load_tokenizer(inputs.src, chat_template=inputs.template, trust_remote_code=trust)
-    renderer = Renderer(tok, inputs.system, cfg.model)
-    check_teacher_sees_prompt(renderer, f"--chat-template {cfg.chat_template}" if cfg.chat_template
-                              else f"the chat template of {cfg.model}")
-    if not renderer.system_role:
-        console.print("[yellow]note:[/] the chat template has no system role; the teacher gets the system prompt "
-                      "at the start of the first user turn.")
-    config = load_config(inputs.src, trust_remote_code=trust)
-    # Options the config alone can refute, before a minute of loading weights.
-    if cfg.export == "gguf":
-        from .export import check_exportable
-
-        check_exportable(config.model_type)
-    vocab = config.get_text_config().vocab_size
-    check_kl_topk(cfg.kl_topk, vocab)
-    if cfg.lora_targets != "all-linear":
-        check_lora_targets(cfg.lora_targets, layer_names(config, trust_remote_code=trust))
-    if inputs.teacher_src:
-        teacher_tok = load_tokenizer(inputs.teacher_src, chat_template=inputs.template, trust_remote_code=trust)
-        teacher_config = load_config(inputs.teacher_src, trust_remote_code=trust)
-        vocab = check_tokenizers_match(tok, teacher_tok, vocab, teacher_config.get_text_config().vocab_size)
+    tok, renderer, config, prompt_set, train, heldout, vocab = read_model_files(cfg, inputs, console)
 
     # A stopped bake left OUT.work/: resume it if the settings match, refuse (naming one) if not. The
     # models' fingerprints are taken now that a hub model's config and tokenizer are in the cache.
@@ -133,9 +137,7 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
     settings = run_settings(cfg, system=inputs.system, prompts=inputs.prompt_set.prompts, template=inputs.template,
                             quant=quant, dtype=dtype, fingerprints=fingerprints)
     work = WorkFolder.open(cfg.out, settings, steps=cfg.steps, resume=cfg.resume, console=console)
-    prompt_set = fit_context(inputs.prompt_set, renderer, context_length(config), cfg.max_new_tokens)
     console.print(f"prompts: {prompt_set.describe()}", markup=False, highlight=False, soft_wrap=True)
-    train, heldout = split_holdout(prompt_set.prompts, cfg.holdout, cfg.seed)
 
     console.print(f"loading {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}, quant {quant})",
                   markup=False, highlight=False, soft_wrap=True)
@@ -159,6 +161,38 @@ def model_fingerprints(inputs: Inputs) -> dict[str, dict | None]:
         for fingerprint in filter(None, fingerprints.values()):
             fingerprint.pop("chat_template", None)
     return fingerprints
+
+
+def read_model_files(cfg: DistillConfig, inputs: Inputs, console: Console):
+    """Tokenizer, renders and config, and every check that needs them but not the weights (`plan` stops here).
+
+    Returns (tok, renderer, config, prompt_set after the context filter, train, heldout, vocab).
+    """
+    trust = cfg.trust_remote_code
+    tok = load_tokenizer(inputs.src, chat_template=inputs.template, trust_remote_code=trust)
+    renderer = Renderer(tok, inputs.system, cfg.model)
+    check_teacher_sees_prompt(renderer, f"--chat-template {cfg.chat_template}" if cfg.chat_template
+                              else f"the chat template of {cfg.model}")
+    if not renderer.system_role:
+        console.print("[yellow]note:[/] the chat template has no system role; the teacher gets the system prompt "
+                      "at the start of the first user turn.")
+    config = load_config(inputs.src, trust_remote_code=trust)
+    # Options the config alone can refute, before a minute of loading weights.
+    if cfg.export == "gguf":
+        from .export import check_exportable
+
+        check_exportable(config.model_type)
+    vocab = config.get_text_config().vocab_size
+    check_kl_topk(cfg.kl_topk, vocab)
+    if cfg.lora_targets != "all-linear":
+        check_lora_targets(cfg.lora_targets, layer_names(config, trust_remote_code=trust))
+    if inputs.teacher_src:
+        teacher_tok = load_tokenizer(inputs.teacher_src, chat_template=inputs.template, trust_remote_code=trust)
+        teacher_config = load_config(inputs.teacher_src, trust_remote_code=trust)
+        vocab = check_tokenizers_match(tok, teacher_tok, vocab, teacher_config.get_text_config().vocab_size)
+    prompt_set = fit_context(inputs.prompt_set, renderer, context_length(config), cfg.max_new_tokens)
+    train, heldout = split_holdout(prompt_set.prompts, cfg.holdout, cfg.seed)
+    return tok, renderer, config, prompt_set, train, heldout, vocab
 
 
 def add_lora(base, cfg: DistillConfig):

@@ -327,7 +327,8 @@ def test_disk_full_while_writing_leaves_old_output_and_checkpoint(tiny_model, pr
                 real_replace(src, dst)
 
             m.setattr(os, "replace", replace)
-        failed = run(bake_args(tiny_model, prompt_files, out, "--overwrite"))
+        # --force: out holds this same bake (up to date), and the point is to write it again.
+        failed = run(bake_args(tiny_model, prompt_files, out, "--overwrite", "--force"))
     assert failed.exit_code == 3, failed.output
     assert failed.output.strip().splitlines()[-1] == (
         f"error: can't write --out {out} (No space left on device); it was left as it was. The trained adapter is "
@@ -337,7 +338,7 @@ def test_disk_full_while_writing_leaves_old_output_and_checkpoint(tiny_model, pr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
     assert checkpoints(out)[-1] == f"step-{STEPS:06d}.pt"
 
-    finished = run(bake_args(tiny_model, prompt_files, out, "--overwrite"))
+    finished = run(bake_args(tiny_model, prompt_files, out, "--overwrite", "--force"))
     assert finished.exit_code == 0, finished.output
     assert "step 1/" not in finished.output  # no training again
     assert adapter_diff(reference, out) <= 1e-6

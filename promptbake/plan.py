@@ -1,0 +1,220 @@
+"""`promptbake plan`: what `distill` would do and cost, checked as far as it can be without the weights.
+
+It runs the same checks `distill` runs before loading weights (setup.read_inputs and
+setup.read_model_files: the same code, so the same errors and the same prompt counts), then
+estimates memory and time from the model's config. The model's layers are built on torch's
+"meta" device (shapes only, no memory, no weights read) to count parameters and LoRA weights.
+Nothing is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Console
+
+from .config import DistillConfig
+from .setup import read_inputs, read_model_files
+
+# The wall-time estimate is FLOPs over the machine's measured matmul rate. It is not calibrated against
+# real bakes yet: small-batch decoding is bound by memory traffic, the rate by the matmul size chosen.
+_CLOSING_EVAL_PROMPTS = 16
+
+
+@dataclass
+class Plan:
+    model: str
+    device: str
+    dtype: str
+    quant: str
+    rollout_dtype: str
+    prompts: dict  # read, train, heldout, dropped {reason: n}
+    system_prompt_tokens: int  # what the teacher's input has and the student's doesn't
+    teacher_prefix_tokens: int  # leading teacher tokens shared by every prompt (the reusable KV cache)
+    prefix_reuse: bool
+    prefix_reuse_reason: str
+    response_tokens_per_step: int  # at most: batch x max_new_tokens
+    parameters: int
+    lora_parameters: int
+    memory_mb: dict  # part -> MiB, and "total"
+    wall_seconds: dict  # part -> seconds, "total", and "how"
+    bake_key: str
+    out: str
+    out_status: str  # absent, up_to_date or different
+    out_why: str
+    will_bake: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def make_plan(cfg: DistillConfig, console: Console, *, force: bool = False) -> Plan:
+    """Check cfg as distill would before loading weights, and estimate what the bake needs.
+
+    Raises what distill raises, with the same messages: the checks are the same functions.
+    """
+    inputs = read_inputs(cfg, force=force)
+    from .setup import quiet_libraries
+
+    quiet_libraries()
+    from .models import pick_device_and_dtype, resolve_quant
+    from .sampling import rollout_dtype
+
+    device, dtype = pick_device_and_dtype()
+    quant = resolve_quant(cfg.quant, device)
+    tok, renderer, config, prompt_set, train, heldout, vocab = read_model_files(cfg, inputs, console)
+    probe = [{"role": "user", "content": "?"}]
+    system_tokens = len(renderer.teacher_ids(probe)) - len(renderer.student_ids(probe))
+    prefix = renderer.system_prefix()
+    reuse, reason = _prefix_reuse(cfg, config, renderer, prefix, train + heldout)
+    params, lora = count_parameters(config, cfg)
+    samp_dtype = dtype if quant != "none" or cfg.rollout != "fast" else rollout_dtype(dtype, device)
+    longest = max(len(renderer.teacher_ids(m)) for m in train)
+    memory = estimate_memory(cfg, config, params=params, lora=lora, quant=quant, dtype=dtype, samp_dtype=samp_dtype,
+                             vocab=vocab, longest_teacher=longest)
+    wall = estimate_wall(cfg, params=params, longest_teacher=longest, heldout=len(heldout), device=device,
+                         dtype=dtype)
+    notes = []
+    if inputs.out_status == "up_to_date" and force:
+        notes.append("--force: distill bakes again and replaces --out")
+    return Plan(
+        model=cfg.model, device=device.type, dtype=_name(dtype), quant=quant, rollout_dtype=_name(samp_dtype),
+        prompts=dict(source=cfg.prompts, read=prompt_set.rows, train=len(train), heldout=len(heldout),
+                     dropped=dict(prompt_set.dropped)),
+        system_prompt_tokens=system_tokens, teacher_prefix_tokens=len(prefix), prefix_reuse=reuse,
+        prefix_reuse_reason=reason, response_tokens_per_step=cfg.batch_size * cfg.max_new_tokens,
+        parameters=params, lora_parameters=lora, memory_mb=memory, wall_seconds=wall, bake_key=inputs.key.key,
+        out=str(cfg.out), out_status=inputs.out_status, out_why=inputs.out_why, will_bake=not inputs.up_to_date,
+        notes=notes,
+    )
+
+
+def _prefix_reuse(cfg: DistillConfig, config, renderer, prefix: list[int], prompts) -> tuple[bool, str]:
+    """Whether the teacher's system-prompt KV cache will be reused, by the checks scoring.PrefixCache makes."""
+    from transformers import DynamicCache
+
+    if not cfg.prefix_reuse:
+        return False, "--no-prefix-reuse"
+    if len(prefix) < 2:
+        return False, "the chat template renders no common system-prompt prefix"
+    if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers):
+        return False, "the model has sliding-window layers, which would evict the prefix"
+    P = len(prefix)
+    misses = sum(1 for m in prompts if renderer.teacher_ids(m)[:P] != prefix)
+    if misses:
+        return False, f"{misses} prompts don't start with the same {P} prefix tokens (the tokenizer merges across it)"
+    return True, f"the first {P} teacher tokens are computed once and reused at every step"
+
+
+def count_parameters(config, cfg: DistillConfig) -> tuple[int, int]:
+    """(model parameters, LoRA parameters) from an empty copy of the model on the meta device: no weights read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .setup import add_lora
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    params = sum(p.numel() for p in model.parameters())
+    lora = add_lora(model, cfg)  # also refuses an --lora-targets that matches nothing, as distill would
+    return params, sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+
+def estimate_memory(cfg: DistillConfig, config, *, params: int, lora: int, quant: str, dtype, samp_dtype, vocab: int,
+                    longest_teacher: int) -> dict:
+    """Peak memory by part, in MiB. Upper bounds where the size depends on the samples (responses run full length)."""
+    text = config.get_text_config()
+    layers, hidden = text.num_hidden_layers, text.hidden_size
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    width = _bytes(dtype)
+    weight_bytes = {"none": width, "8bit": 1, "4bit": 0.5}[quant]  # the quantised linears; the rest stays in `dtype`
+    B, T = cfg.batch_size, longest_teacher + cfg.max_new_tokens
+    parts = {
+        "weights": params * weight_bytes,
+        # fast rollouts sample from a merged copy of the weights (not for a quantised base).
+        "rollout_copy": params * _bytes(samp_dtype) if cfg.rollout == "fast" and quant == "none" else 0,
+        "lora_and_optimizer": lora * 4 * 4,  # fp32 weight, gradient and AdamW's two moments
+        "kv_cache": 2 * layers * kv_heads * head_dim * B * T * _bytes(samp_dtype),
+        "loss_chunk": 5 * cfg.chunk_size * vocab * 4,  # the --chunk-size help's 5 x chunk x vocab floats
+        # What backward keeps of the student's forward: ~16 values per hidden unit per token per layer.
+        "activations": 16 * layers * hidden * B * T * width,
+    }
+    mib = {k: round(v / 2**20, 1) for k, v in parts.items()}
+    mib["total"] = round(sum(parts.values()) / 2**20, 1)
+    return mib
+
+
+def estimate_wall(cfg: DistillConfig, *, params: int, longest_teacher: int, heldout: int, device, dtype) -> dict:
+    """Seconds by phase, from the FLOPs of each phase at this machine's measured matmul rate."""
+    rate = matmul_rate(device, dtype)
+    B, new = cfg.batch_size, cfg.max_new_tokens
+    tokens = B * (longest_teacher + new)
+    # Per step: sample B x new tokens, student forward + backward (3x a forward), teacher forward.
+    step_flops = 2 * params * B * new + 3 * 2 * params * tokens + 2 * params * tokens
+    step = step_flops / rate
+    held = min(heldout, 64)
+    # Held-out KL before and after: sampling and both scorings; the closing evaluation samples 3 systems.
+    kl = 2 * (held / B) * (2 * params * B * new + 2 * 2 * params * tokens) / rate
+    closing = (3 * min(heldout, _CLOSING_EVAL_PROMPTS) / B * (2 * params * B * new + 2 * params * tokens) / rate
+               if cfg.eval else 0.0)
+    parts = {"training": round(cfg.steps * step, 3), "per_step": round(step, 3), "heldout_kl": round(kl, 3),
+             "closing_eval": round(closing, 3)}
+    parts["total"] = round(cfg.steps * step + kl + closing, 3)
+    parts["how"] = (f"FLOPs of each phase (2 x parameters per token forward, 3x that with backward) at this "
+                    f"machine's measured {rate / 1e9:.0f} GFLOP/s matmul rate; model loading not included; not "
+                    "calibrated against real bakes, so treat it as an order of magnitude")
+    return parts
+
+
+def matmul_rate(device, dtype, seconds: float = 0.2) -> float:
+    """FLOP/s of square matmuls on `device` in `dtype`, measured for about `seconds`."""
+    import torch
+
+    n = 1024 if device.type == "cpu" else 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    (a @ b).sum().item()  # warm up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        (a @ b).sum().item()
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - start)
+
+
+def _bytes(dtype) -> int:
+    return dtype.itemsize
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def print_plan(plan: Plan, out: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title="promptbake plan", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    p = plan.prompts
+    dropped = ", ".join(f"{n} {reason}" for reason, n in p["dropped"].items()) or "none"
+    table.add_row("model", f"{plan.model} ({plan.parameters / 1e6:.1f} M parameters)")
+    table.add_row("device", f"{plan.device}, {plan.dtype}, quant {plan.quant}; rollouts in {plan.rollout_dtype}")
+    table.add_row("prompts", f"{p['train']} train, {p['heldout']} held out ({p['read']} read; dropped: {dropped})")
+    table.add_row("system prompt", f"{plan.system_prompt_tokens} tokens in the teacher's input")
+    table.add_row("prefix reuse", f"{'yes' if plan.prefix_reuse else 'no'}: {plan.prefix_reuse_reason}")
+    table.add_row("per step", f"up to {plan.response_tokens_per_step} response tokens")
+    table.add_row("LoRA", f"{plan.lora_parameters / 1e6:.2f} M trainable parameters")
+    m = plan.memory_mb
+    table.add_row("peak memory (est.)", f"{m['total']:,.0f} MiB: " + ", ".join(
+        f"{k.replace('_', ' ')} {v:,.0f}" for k, v in m.items() if k != "total"))
+    w = plan.wall_seconds
+    table.add_row("wall time (est.)", f"{w['total'] / 60:.1f} min: {w['per_step']:.0f} s per step; {w['how']}")
+    table.add_row("bake key", plan.bake_key)
+    verdict = "will bake" if plan.will_bake else "up to date: distill will skip the bake"
+    table.add_row("--out", f"{plan.out_why}; {verdict}")
+    for note in plan.notes:
+        table.add_row("note", note)
+    out.print(table)

@@ -1,0 +1,116 @@
+"""`promptbake plan`: distill's checks before the weights, the figures it shows, and no weight load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ci_bakes import ci_bake, invoke  # noqa: F401  (ci_bake: a session fixture)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to read model weights fails the test: promptbake's loader, transformers' and safetensors'."""
+    import safetensors
+    import safetensors.torch
+    import transformers
+
+    import promptbake.models
+    import promptbake.setup
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("plan loaded weights")
+
+    monkeypatch.setattr(promptbake.models, "load_model", refuse)
+    monkeypatch.setattr(promptbake.setup, "load_model", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(safetensors.torch, "safe_open", refuse, raising=False)
+
+
+def test_plan_reads_no_weights_and_counts_what_the_bake_used(ci_bake, no_weights):
+    result = invoke("plan", "--config", ci_bake.config, "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    record = ci_bake.record
+    assert plan["ok"] is True and plan["exit_code"] == 0 and plan["error"] is None
+    assert plan["prompts"]["train"] == record["prompts"]["train"]
+    assert plan["prompts"]["heldout"] == record["prompts"]["heldout"]
+    assert plan["prompts"]["read"] == record["prompts"]["read"]
+    assert plan["prompts"]["dropped"] == record["prompts"]["dropped"]
+    assert plan["system_prompt_tokens"] == record["system_prompt_tokens"]
+    assert plan["prefix_reuse"] == record["resolved"]["prefix_reuse"] is True
+    assert (plan["device"], plan["dtype"], plan["quant"]) == \
+        (record["resolved"]["device"], record["resolved"]["dtype"], record["resolved"]["quant"])
+    assert plan["bake_key"] == record["bake"]["key"]
+    assert plan["out_status"] == "up_to_date" and plan["will_bake"] is False
+    settings = record["settings"]
+    assert plan["response_tokens_per_step"] == settings["batch_size"] * settings["max_new_tokens"]
+    # Every token of a bake step is at most batch x max_new_tokens.
+    rows = [json.loads(line) for line in (ci_bake.out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["response_tokens"] <= plan["response_tokens_per_step"] for r in rows)
+
+
+def test_plan_figures(ci_bake, no_weights):
+    plan = json.loads(invoke("plan", "--config", ci_bake.config, "--json", "--force").stdout)
+    assert plan["will_bake"] is True and plan["notes"] == ["--force: distill bakes again and replaces --out"]
+    memory = plan["memory_mb"]
+    assert set(memory) == {"weights", "rollout_copy", "lora_and_optimizer", "kv_cache", "loss_chunk", "activations",
+                           "total"}
+    assert memory["total"] == pytest.approx(sum(v for k, v in memory.items() if k != "total"), abs=0.5)
+    wall = plan["wall_seconds"]
+    assert wall["total"] > 0 and "measured" in wall["how"] and "GFLOP/s" in wall["how"]
+
+
+def test_plan_parameter_counts_match_the_bake(ci_bake, tiny_model):
+    """The meta-device copy counts what the real model and the trained adapter hold."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    plan = json.loads(invoke("plan", "--config", ci_bake.config, "--json").stdout)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert plan["parameters"] == sum(p.numel() for p in model.parameters())
+    adapter = load_file(ci_bake.out / "adapter" / "adapter_model.safetensors")
+    assert plan["lora_parameters"] == sum(t.numel() for t in adapter.values())
+
+
+def test_plan_human_output(ci_bake, no_weights):
+    from typer.testing import CliRunner
+
+    from promptbake.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "--config", str(ci_bake.config)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    for row in ("model", "device", "prompts", "system prompt", "prefix reuse", "per step", "peak memory (est.)",
+                "wall time (est.)", "bake key", "up to date: distill will skip the bake"):
+        assert row in text, row
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "error: --steps must be at least 1 (got 0)."),
+    (["--kl-topk", "100000"], "is larger than the vocabulary"),
+    (["--lora-targets", "nonexistent_proj"], "error: --lora-targets nonexistent_proj:"),
+    (["--steps", "3"], "already exists; pass --overwrite to replace it"),
+])
+def test_plan_refuses_what_distill_refuses(ci_bake, no_weights, tmp_path, extra, message):
+    if "already exists" not in message:  # another key: ci_bake's --out would be refused first
+        extra = [*extra, "--out", tmp_path / "fresh"]
+    plan = invoke("plan", "--config", ci_bake.config, *extra)
+    distill = invoke("distill", "--config", ci_bake.config, *extra)
+    assert plan.exit_code == distill.exit_code == 2
+    plan_error = [line for line in plan.stderr.splitlines() if line.startswith("error:")]
+    distill_error = [line for line in distill.stderr.splitlines() if line.startswith("error:")]
+    assert plan_error == distill_error and message in plan.stderr.replace("\n", " ")
+
+
+def test_plan_with_a_missing_prompt_file(tiny_model, tmp_path):
+    result = invoke("plan", "--model", tiny_model, "--prompt", tmp_path / "nope.txt", "--out", tmp_path / "o",
+                    "--json")
+    assert result.exit_code == 2
+    answer = json.loads(result.stdout)
+    assert answer["ok"] is False and answer["exit_code"] == 2
+    assert answer["error"] == f"error: system prompt file {tmp_path / 'nope.txt'} does not exist."
+    assert not (tmp_path / "o").exists()

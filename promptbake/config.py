@@ -84,6 +84,21 @@ class GateOptions:
         check_thresholds(self.min_gap_closed, self.min_pass_rate, getattr(self, "max_drift", None))
 
 
+@dataclass
+class ComparisonOptions:
+    """What eval and chat compare: a bake against the model it started from, with its system prompt."""
+
+    force: bool = _opt(
+        False, "Compare even when --model, --prompt or the tokenizer differ from what the bake's promptbake.json "
+        "records (a deliberate cross-comparison)."
+    )
+
+    def _check_compared(self) -> None:
+        for name in ("baked", "model", "prompt"):
+            if not getattr(self, name):
+                raise InputError(f"{flag(name)} is required.")
+
+
 # ---------------------------------------------------------------- the commands
 
 
@@ -232,7 +247,7 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
 
 
 @dataclass
-class EvalConfig(GateOptions, SamplingOptions, ModelOptions):
+class EvalConfig(ComparisonOptions, GateOptions, SamplingOptions, ModelOptions):
     # What to compare.
     baked: Path = _opt(None, "The baked checkpoint folder (the --out of promptbake distill).")
     model: str = _opt(None, "The base model the bake started from: a hub id, a local model folder or a .gguf file.")
@@ -247,15 +262,9 @@ class EvalConfig(GateOptions, SamplingOptions, ModelOptions):
     max_prompts: int = _opt(32, "Use at most this many prompts of each set, spread evenly across it.")
     seed: int = _opt(0, "Sampling seed, the same for all three systems.")
     max_drift: float | None = _opt(None, "Exit with code 4 if KL(baked || base) per token on the drift prompts is above this.")
-    force: bool = _opt(
-        False, "Compare even when --model, --prompt or the tokenizer differ from what the bake's promptbake.json "
-        "records (a deliberate cross-comparison)."
-    )
 
     def validate(self) -> None:
-        for name in ("baked", "model", "prompt"):
-            if not getattr(self, name):
-                raise InputError(f"{flag(name)} is required.")
+        self._check_compared()
         _at_least_one(self, "max_prompts")
         self._check_sampling()
         self._check_gates()
@@ -268,7 +277,7 @@ class EvalConfig(GateOptions, SamplingOptions, ModelOptions):
 
 
 @dataclass
-class ChatConfig(ModelOptions):
+class ChatConfig(ComparisonOptions, ModelOptions):
     baked: Path = _opt(None, "The baked checkpoint folder (the --out of promptbake distill).", argument=True)
     model: str = _opt(None, "The base model the bake started from.")
     prompt: Path = _opt(None, "The system prompt file that was baked in.")
@@ -279,15 +288,9 @@ class ChatConfig(ModelOptions):
     max_new_tokens: int = _opt(128, "Longest answer, in tokens.")
     temperature: float = _opt(0.0, "Sampling temperature (0 = greedy: each system's most likely answer).")
     seed: int = _opt(0, "Sampling seed, the same for all three systems.")
-    force: bool = _opt(
-        False, "Compare even when --model, --prompt or the tokenizer differ from what the bake's promptbake.json "
-        "records (a deliberate cross-comparison)."
-    )
 
     def validate(self) -> None:
-        for name in ("baked", "model", "prompt"):
-            if not getattr(self, name):
-                raise InputError(f"{flag(name)} is required.")
+        self._check_compared()
         _at_least_one(self, "max_new_tokens")
         _check_temperature(self.temperature)
 

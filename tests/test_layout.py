@@ -100,3 +100,10 @@ def test_no_private_names_imported_across_modules():
                 offenders += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
                               if a.name.startswith("_") and a.name != "__version__"]
     assert offenders == []
+
+
+def test_readme_layout_lists_every_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [str(p.relative_to(ROOT)) for p in sorted(PACKAGE.rglob("*.py"))
+               if f"`{p.relative_to(ROOT)}`" not in readme]
+    assert missing == []

@@ -153,7 +153,7 @@ def test_a_finished_output_lists_its_files_and_is_replaced_whole(scratch, baked)
     record = json.loads((baked / "promptbake.json").read_text())
     assert record["files"] == sorted(os.listdir(baked))
     (baked / "model.safetensors").write_bytes(b"old")  # to see it replaced
-    result = run(args(scratch["model"], scratch["system"], scratch["prompts"], baked, "--overwrite"))
+    result = run(args(scratch["model"], scratch["system"], scratch["prompts"], baked, "--overwrite", "--force"))  # same settings: --force bakes again
     assert result.exit_code == 0, result.output
     assert (baked / "model.safetensors").read_bytes() != b"old"
     assert [p.name for p in baked.parent.iterdir() if p.name.startswith(".")] == []
@@ -162,7 +162,7 @@ def test_a_finished_output_lists_its_files_and_is_replaced_whole(scratch, baked)
 def test_a_finished_output_the_user_added_a_file_to_is_not_replaced(scratch, baked):
     (baked / "my-notes.txt").write_text("mine")
     before = untouched(scratch)
-    result = run(args(scratch["model"], scratch["system"], scratch["prompts"], baked, "--overwrite"))
+    result = run(args(scratch["model"], scratch["system"], scratch["prompts"], baked, "--overwrite", "--force"))  # same settings: --force bakes again
     assert result.exit_code == 2
     assert "also holds 1 entry (my-notes.txt), which promptbake didn't write" in result.output
     assert untouched(scratch) == before
@@ -190,7 +190,7 @@ def test_a_read_only_or_busy_out_is_not_called_a_full_disk(scratch, baked, monke
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    result = run(args(scratch["model"], scratch["system"], scratch["prompts"], baked, "--overwrite"))
+    result = run(args(scratch["model"], scratch["system"], scratch["prompts"], baked, "--overwrite", "--force"))  # same settings: --force bakes again
     assert result.exit_code == 3
     work = baked.parent / "baked.work"
     assert last_line(result) == (f"error: can't write --out {baked} ({os.strerror(code)}); it was left as it was. The "

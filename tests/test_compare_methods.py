@@ -35,7 +35,7 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
         assert r["drift"] > -1e-6  # a KL; float rounding can put an almost-zero one just below 0
         assert set(r["checks"]) == {"says arr", "short"}
         assert all(0 <= v <= 1 for rates in r["checks"].values() for v in rates.values())
-        assert r["train_s"] > 0 and r["eval_prompts"] == 3
+        assert r["train_s"] >= 0 and r["eval_prompts"] == 3  # seconds, rounded: a 2-step tiny bake can round to 0.0
     ref = data["reference"]["pirate@6"]
     assert set(ref["checks"]) == {"says arr", "short"}
     md = (out / "results.md").read_text()

@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-prompts", type=int, default=16, help="Held-out prompts per evaluation (from `eval`).")
     p.add_argument("--ood-prompts", type=int, default=16, help="Drift prompts per evaluation (from `ood`); 0 = none.")
     p.add_argument("--eval-seed", type=int, default=0, help="Sampling seed of every evaluation.")
+    p.add_argument("--heldout-prompts", type=int, default=8,
+                   help="Prompts of each bake's own before/after held-out KL (its figures are kept, but the "
+                        "comparison's come from --eval-prompts); 0 = the bake's default.")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help=f"Vary a setting; repeat for a grid. Keys: {', '.join(SWEEPABLE)}.")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare",
@@ -226,7 +229,8 @@ def bake(model: str, prompt: Path, method: str, seed: int, settings: dict, args,
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / "baked.work", ignore_errors=True)
     cfg = DistillConfig(model=model, prompt=prompt, out=out, prompts=args.train_prompts, max_prompts=args.max_prompts,
-                        method=method, seed=seed, eval=False, overwrite=True, **settings)
+                        method=method, seed=seed, eval=False, overwrite=True, **settings,
+                        **({"heldout_prompts": args.heldout_prompts} if args.heldout_prompts else {}))
     t0 = time.perf_counter()
     result = distill(cfg, console)
     wall = time.perf_counter() - t0

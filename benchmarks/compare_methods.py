@@ -46,7 +46,8 @@ METHODS = ("opcd", "offpolicy", "sft")
 # json and expert it never follows, support's sign-off lies past 64 new tokens.
 KEPT = ("pirate", "concise", "french")
 SWEEPABLE = {"lr": float, "steps": int, "batch_size": int, "max_new_tokens": int, "lora_rank": int,
-             "lora_alpha": float, "temperature": float, "top_p": float, "kl_topk": int, "lora_dropout": float}
+             "lora_alpha": float, "temperature": float, "top_p": float, "kl_topk": int, "lora_dropout": float,
+             "lr_schedule": str, "samples_per_prompt": int}
 
 
 def parse_args(argv=None):
@@ -83,6 +84,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     try:
         args.sweep_grid = parse_sweep(args.sweep)
+        check_settings(args)
         args.method_list = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
         bad = [m for m in args.method_list if m not in METHODS]
         if bad:
@@ -105,6 +107,19 @@ def parse_sweep(items: list[str]) -> list[dict]:
             raise ValueError(f"--sweep {item!r}: use KEY=V1,V2 with KEY one of {', '.join(SWEEPABLE)}")
         axes.append([(key, SWEEPABLE[key](v)) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def check_settings(args) -> None:
+    """Every bake's settings pass distill's own checks now, not after the first bakes (--sweep samples_per_prompt=3
+    with --batch-size 8, --sweep lr_schedule=linear)."""
+    from promptbake.config import DistillConfig
+    from promptbake.errors import InputError
+
+    for over in args.sweep_grid or [{}]:
+        try:
+            DistillConfig(model="-", prompt=Path("-"), **{**base_settings(args), **over}).validate()
+        except InputError as err:
+            raise ValueError(f"{'--sweep ' + json.dumps(over) + ': ' if over else ''}{err}") from None
 
 
 def system_prompts(args) -> list[tuple[str, Path]]:

@@ -43,7 +43,8 @@ KEEP = 2  # checkpoints kept: if the newest is unreadable, the one before it sti
 # differently, and --gradient-checkpointing recomputes the same activations.
 # --steps may change (up or down to the checkpoint's step): with a constant learning rate and
 # batches that depend only on (seed, step), a longer bake equals one started with the larger
-# --steps. The files behind --prompt, --prompts and --chat-template are compared by content.
+# --steps. Not with --lr-schedule cosine, whose every step's rate depends on --steps: there it must
+# stay. The files behind --prompt, --prompts and --chat-template are compared by content.
 _MAY_DIFFER = {"out", "overwrite", "resume", "save_every", "record_prompt", "allow_pickle", "trust_remote_code",
                "eval", "checks", "min_gap_closed", "min_pass_rate",  # evaluation after training only
                "export", "export_outtype",  # written after training only
@@ -76,7 +77,8 @@ def run_settings(cfg: DistillConfig, *, system: str, prompts: list, template: st
     """What a resumed bake must share with the stopped one: its settings, input hashes, precision and the
     identity of its models (fingerprints: {"model": models.model_fingerprint(...), "teacher": ... or None}),
     so a model whose weights, tokenizer or template changed at the same path is refused by name."""
-    settings = {k: v for k, v in cfg.to_record().items() if k not in _MAY_DIFFER}
+    may_differ = _MAY_DIFFER if cfg.lr_schedule == "constant" else _MAY_DIFFER - {"steps"}
+    settings = {k: v for k, v in cfg.to_record().items() if k not in may_differ}
     for role, fingerprint in (fingerprints or {}).items():
         settings.update({f"{role}_{part}": digest for part, digest in (fingerprint or {}).items()})
     settings.update(
@@ -323,6 +325,8 @@ def _check_same(old: dict, new: dict, path: Path) -> None:
                 what = f"{_NAMES[key]} differs"
             else:
                 what = f"{flag(key)} was {old.get(key)}, now {new.get(key)}"
+                if key == "steps":
+                    what += " (the cosine --lr-schedule's rate at every step depends on --steps)"
             raise InputError(f"{path} holds a stopped bake with other settings: {what}. Resume with the same "
                              f"settings, or delete {path} to start afresh.")
 

@@ -22,6 +22,7 @@ QUANT_CHOICES = ("auto", "4bit", "8bit", "none")
 ROLLOUT_CHOICES = ("fast", "exact", "generate")
 CHECKPOINTING_CHOICES = ("auto", "on", "off")
 METHOD_CHOICES = ("opcd", "offpolicy", "sft")
+LR_SCHEDULE_CHOICES = ("constant", "cosine")
 EXPORT_CHOICES = ("none", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -142,7 +143,19 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
         choices=METHOD_CHOICES,
     )
     steps: int = _opt(30, "Optimizer steps; each samples a fresh batch of prompts.")
-    lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights (constant, no warm-up).")
+    lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights: at every step, or the peak of a cosine "
+                     "--lr-schedule.")
+    lr_schedule: str = _opt(
+        "constant",
+        "constant: --lr at every step, no warm-up (the paper's). cosine: a linear warm-up to --lr over the first "
+        "tenth of --steps, then a cosine decay to a tenth of --lr at the last step.",
+        choices=LR_SCHEDULE_CHOICES,
+    )
+    samples_per_prompt: int = _opt(
+        1,
+        "Responses sampled per prompt at each step: a step draws --batch-size / N prompts and samples each N "
+        "times, so the optimizer still sees --batch-size rollouts. Must divide --batch-size.",
+    )
     top_p: float = _opt(1.0, "Nucleus sampling threshold for student rollouts (1 = off).")
     holdout: float = _opt(0.1, "Fraction of the prompt set kept apart for before/after evaluation.")
     heldout_prompts: int = _opt(
@@ -234,6 +247,7 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
             raise InputError(f"--max-prompts must be 0 (all) or a positive number (got {self.max_prompts}).")
         if self.micro_batch_size is not None:
             check_micro_batch(self.micro_batch_size, self.batch_size)
+        check_samples_per_prompt(self.samples_per_prompt, self.batch_size, self.temperature)
         if self.kl_topk < 0:
             raise InputError(f"--kl-topk must be 0 (full vocabulary) or a positive K (got {self.kl_topk}).")
         if not self.eval and (self.min_gap_closed is not None or self.min_pass_rate is not None):
@@ -310,6 +324,20 @@ def check_micro_batch(micro: int, batch: int) -> None:
     if not 1 <= micro <= batch:
         raise InputError(f"--micro-batch-size must be between 1 and --batch-size ({batch}); got {micro}. "
                          "Leave it out to run the whole batch at once.")
+
+
+def check_samples_per_prompt(n: int, batch: int, temperature: float) -> None:
+    """--samples-per-prompt N: at least 1, a divisor of --batch-size, and above 1 only when sampling
+    (greedy copies of a prompt would all get the same answer)."""
+    if n < 1:
+        raise InputError(f"--samples-per-prompt must be at least 1 (got {n}).")
+    if batch % n:
+        fit = n * max(1, round(batch / n))
+        raise InputError(f"--batch-size must be a multiple of --samples-per-prompt: got --batch-size {batch} and "
+                         f"--samples-per-prompt {n}. Try --batch-size {fit}.")
+    if n > 1 and temperature == 0:
+        raise InputError(f"--samples-per-prompt {n} needs sampling: with --temperature 0 every copy of a prompt gets "
+                         "the same answer. Raise --temperature or use --samples-per-prompt 1.")
 
 
 def _check_temperature(value: float) -> None:

@@ -292,6 +292,11 @@ def write_model_card(folder: Path, record: dict) -> None:
         figures = (
             f"| held-out reverse KL per token (student ‖ prompted teacher) | {before:.4f} | {after:.4f} |\n"
         )
+    settings = record["settings"]
+    n = settings.get("samples_per_prompt", 1)  # records written before the option have neither key
+    batch = f"{settings['batch_size']} prompts" if n == 1 else f"{settings['batch_size'] // n} prompts x {n} samples"
+    lr = f"lr {settings['lr']}" if settings.get("lr_schedule", "constant") == "constant" else \
+        f"peak lr {settings['lr']} ({settings['lr_schedule']} schedule)"
     stored = ("The system prompt was recorded in `promptbake.json` (--record-prompt)" if "system_prompt" in record
               else "The system prompt itself is not stored here")
     card = f"""---
@@ -314,8 +319,7 @@ full-precision base. Use it with **no system prompt**.
 | figure | before | after |
 |---|---|---|
 {figures}
-Training: {record["settings"]["steps"]} steps of {record["settings"]["batch_size"]} prompts,
-lr {record["settings"]["lr"]}, LoRA r={record["settings"]["lora_rank"]}, quantisation while training:
+Training: {settings["steps"]} steps of {batch}, {lr}, LoRA r={settings["lora_rank"]}, quantisation while training:
 {record["resolved"]["quant"]}. Settings, versions and figures: `promptbake.json`; per-step
 metrics: `metrics.jsonl`; the unmerged adapter: `adapter/`.
 """

@@ -1,7 +1,7 @@
 """The training loop: one method step (--method) per fresh batch, then clip, update, log and checkpoint.
 
-Batches and seeds are pure functions of (seed, step), so a bake resumed from its work
-folder ends with exactly the adapter an uninterrupted one would have.
+Batches, seeds and the learning rate are pure functions of (seed, step), so a bake resumed
+from its work folder ends with exactly the adapter an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
     # into a checkpoint and a clean exit.
     with (run.work.training(run.student, optimizer, steps=cfg.steps, save_every=cfg.save_every) as progress,
           StepLog(console, cfg.steps, progress.done, method.loss_name) as log):
+        n = cfg.samples_per_prompt
         for step in range(progress.done + 1, cfg.steps + 1):
-            batch = [run.train[i] for i in batch_indices(len(run.train), cfg.batch_size, step, cfg.seed)]
+            # batch / n prompts, each n times in a row: the shared generator gives every copy its own sample.
+            ids = batch_indices(len(run.train), cfg.batch_size // n, step, cfg.seed)
+            batch = [run.train[i] for i in ids for _ in range(n)]
             torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout
             gen = torch.Generator(run.device).manual_seed(step_seed(cfg.seed, step))
             timer = PhaseTimer(run.device)
@@ -46,15 +49,18 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
             if not (math.isfinite(stats.loss) and math.isfinite(grad_norm)):
                 bad = stats.loss if not math.isfinite(stats.loss) else grad_norm
                 raise diverged(f"step {step}: the loss or gradient became {bad}", cfg, progress.kept())
+            lr = lr_at(step, cfg.steps, cfg.lr, cfg.lr_schedule)
             with progress.update():  # Ctrl-C waits for this block: the update, its metrics row and checkpoint
                 with timer("optim"):
+                    for group in optimizer.param_groups:  # set each step, so a resumed bake needs no scheduler
+                        group["lr"] = lr
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if not torch.stack([p.isfinite().all() for p in params]).all():  # never checkpoint inf weights
                         raise diverged(f"step {step}: the update made the LoRA weights inf or nan", cfg,
                                        progress.kept())
                 peak = torch.cuda.max_memory_allocated(run.device) / 2**20 if cuda else None
-                row = step_row(step, stats, grad_norm, timer.seconds, cfg.lr, peak_memory_mib=peak)
+                row = step_row(step, stats, grad_norm, timer.seconds, lr, peak_memory_mib=peak)
                 progress.finished(step, row)  # metrics.jsonl; a checkpoint every --save-every steps and at the end
             log.step(row)
             if step == 1 and run.pair.prefix is not None and run.pair.prefix_misses:
@@ -144,6 +150,24 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         out.extend(order[offset : offset + batch_size - len(out)])
         epoch, offset = epoch + 1, 0
     return out
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str) -> float:
+    """The learning rate of `step` (1-based) of `steps`; a pure function, so there is no scheduler state to save.
+
+    constant: lr at every step. cosine: a linear warm-up over the first W = max(1, steps / 10, rounded)
+    steps (step s gets lr * s / W, so step 1 already learns), then a cosine decay from lr to 0.1 * lr
+    at the last step: never 0, so the last steps still move the adapter.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    warmup = max(1, (steps + 5) // 10)  # a tenth, rounded half up
+    if step <= warmup:
+        return lr * step / warmup
+    progress = (step - warmup) / (steps - warmup)  # (0, 1]: 1 at the last step
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -39,7 +39,7 @@ def test_key_changes_with_every_input(base, tmp_path, tiny_model):
     k = key(base)
     # A setting that changes the weights.
     for change in (dict(steps=3), dict(lr=1e-3), dict(seed=1), dict(lora_rank=8), dict(max_new_tokens=9),
-                   dict(temperature=0.5), dict(quant="none")):
+                   dict(temperature=0.5), dict(quant="none"), dict(lr_schedule="cosine"), dict(samples_per_prompt=2)):
         assert key(replace(base, **change)) != k, change
     # The system prompt's text (same file name, other contents).
     system = tmp_path / "system.txt"

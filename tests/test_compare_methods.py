@@ -65,4 +65,12 @@ def test_compare_methods_bad_input(tmp_path):
     assert "Traceback" not in result.stderr
     result = compare("--sweep", "colour=red", "--out", str(tmp_path / "r"), timeout=120)
     assert result.returncode == 2 and "error: --sweep 'colour=red'" in result.stderr
+    # Every bake's settings pass distill's checks before anything loads or bakes.
+    result = compare("--sweep", "samples_per_prompt=1,3", "--out", str(tmp_path / "r"), timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        'error: --sweep {"samples_per_prompt": 3}: --batch-size must be a multiple of --samples-per-prompt: '
+        "got --batch-size 8 and --samples-per-prompt 3. Try --batch-size 9.")
+    result = compare("--sweep", "lr_schedule=cosine,linear", "--out", str(tmp_path / "r"), timeout=120)
+    assert result.returncode == 2
+    assert "--lr-schedule must be one of constant, cosine (got 'linear')." in result.stderr
     assert not (tmp_path / "r").exists()

@@ -54,6 +54,23 @@ def test_file_values_reach_the_command(tmp_path, captured):
     assert cfg.prompt == tmp_path / "proj" / "sys.txt"  # against the file's folder, not the working directory
 
 
+def test_training_schedule_and_samples_come_from_the_file(tmp_path, captured):
+    config = write(tmp_path / "promptbake.toml", 'model = "org/name"\nprompt = "sys.txt"\n'
+                   '[distill]\nlr-schedule = "cosine"\nsamples_per_prompt = 2\n')
+    cfg = distill_cfg(captured, "--config", config)
+    assert (cfg.lr_schedule, cfg.samples_per_prompt) == ("cosine", 2)
+    cfg = distill_cfg(captured, "--config", config, "--lr-schedule", "constant", "--samples-per-prompt", "4")
+    assert (cfg.lr_schedule, cfg.samples_per_prompt) == ("constant", 4)
+
+
+def test_a_bad_samples_per_prompt_in_the_file_is_one_line(tmp_path):
+    config = write(tmp_path / "promptbake.toml", 'model = "org/name"\nprompt = "sys.txt"\n'
+                   '[distill]\nbatch_size = 6\nsamples_per_prompt = 4\n')
+    r = runner.invoke(app, ["distill", "--config", str(config)])
+    assert_one_error(r, "error: --batch-size must be a multiple of --samples-per-prompt: got --batch-size 6 and "
+                        "--samples-per-prompt 4. Try --batch-size 8.")
+
+
 def test_flags_override_the_file(tmp_path, captured):
     config = write(tmp_path / "promptbake.toml", 'model = "org/name"\nprompt = "sys.txt"\n'
                    "[distill]\nsteps = 7\nbatch_size = 3\nprefix_reuse = false\n")
@@ -120,6 +137,8 @@ ERRORS = [
     ("[distill]\nlr = true\n", "[distill] `lr` must be a number (got a boolean true)."),
     ("[distill]\nprefix_reuse = 1\n", "[distill] `prefix_reuse` must be true or false (got an integer 1)."),
     ("[distill]\nquant = \"5bit\"\n", "[distill] `quant` must be one of auto, 4bit, 8bit, none (got '5bit')."),
+    ("[distill]\nlr-schedule = \"linear\"\n",
+     "[distill] `lr_schedule` must be one of constant, cosine (got 'linear')."),
     ("[distill]\nprompts = [\"a\"]\n", "[distill] `prompts` must be a string (got an array )."),
     ("model = \"a\"\n[distill]\nsteps = 4\nsteps = 5\n",
      "is not valid TOML: line 4, column 10: `steps` is given twice; keep one."),

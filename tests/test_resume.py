@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from promptbake.checkpoint import Training
 from promptbake.cli import app
 from promptbake.pair import StudentTeacher
+from promptbake.train import lr_at
 
 STEPS = 8
 TIMING = {"tokens_per_s", "rollout_s", "teacher_s", "student_s", "optim_s", "step_s"}
@@ -216,6 +217,47 @@ def test_more_steps_on_resume_equals_a_longer_bake(tiny_model, prompt_files, ref
     resumed = run(bake_args(tiny_model, prompt_files, out, steps=STEPS))
     assert resumed.exit_code == 0, resumed.output
     assert adapter_diff(reference, out) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def cosine_reference(tiny_model, prompt_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cosine") / "baked"
+    result = run(bake_args(tiny_model, prompt_files, out, "--lr-schedule", "cosine"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cosine_schedule_resumes_exactly(tiny_model, prompt_files, reference, cosine_reference, tmp_path,
+                                         monkeypatch):
+    """The rate is set from (step, --steps, --lr) before each update, so there is no scheduler state: a cosine
+    bake stopped and resumed ends as the uninterrupted one does. Each metrics row logs its step's rate."""
+    assert [r["lr"] for r in metrics(reference)] == [5e-4] * STEPS
+    rows = metrics(cosine_reference)
+    assert [r["lr"] for r in rows] == [lr_at(s, STEPS, 5e-4, "cosine") for s in range(1, STEPS + 1)]
+    assert rows[0]["lr"] == 5e-4 and rows[-1]["lr"] == pytest.approx(5e-5)
+    assert adapter_diff(reference, cosine_reference) > 1e-5  # the schedule changes the bake
+
+    out = tmp_path / "baked"
+    cosine = ("--lr-schedule", "cosine")
+    with monkeypatch.context() as m:
+        at_train_step(m, 6, send(signal.SIGINT))
+        stopped = run(bake_args(tiny_model, prompt_files, out, *cosine))
+    assert stopped.exit_code == 130 and "saved step 5" in stopped.output, stopped.output
+
+    # Another schedule, or other --steps (which would reshape this one), is refused.
+    constant = run(bake_args(tiny_model, prompt_files, out))
+    assert constant.exit_code == 2
+    assert constant.output.strip() == (f"error: {work(out)} holds a stopped bake with other settings: --lr-schedule "
+                                       f"was cosine, now constant. Resume with the same settings, or delete "
+                                       f"{work(out)} to start afresh.")
+    longer = run(bake_args(tiny_model, prompt_files, out, *cosine, steps=10))
+    assert longer.exit_code == 2
+    assert "--steps was 8, now 10 (the cosine --lr-schedule's rate at every step depends on --steps)" in longer.output
+
+    resumed = run(bake_args(tiny_model, prompt_files, out, *cosine))
+    assert resumed.exit_code == 0, resumed.output
+    assert adapter_diff(cosine_reference, out) <= 1e-6
+    assert metrics(out) == metrics(cosine_reference)
 
 
 def test_checkpoints_by_time_keep_the_last_two(tiny_model, prompt_files, reference, tmp_path, monkeypatch):

@@ -124,6 +124,19 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
+def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(n, D) @ (V, D).T for a weight far wider than x is tall: an LM head.
+
+    On CPU this runs as (weight @ x.T).T: for a few rows against a wide weight the BLAS then
+    streams the weight about twice as fast (2-core AVX2 build machine, Gemma 3's 262k x 640 head:
+    8 rows 301 -> 113 ms, 128 rows 934 -> 642 ms). The same products, summed in another order.
+    Elsewhere (CUDA) it is F.linear.
+    """
+    if x.device.type != "cpu" or x.dim() != 2:
+        return F.linear(x, weight)
+    return torch.mm(weight, x.t()).t().contiguous()
+
+
 def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if not cap else torch.tanh(x / cap) * cap
 
@@ -233,7 +246,7 @@ class LeanDecoder:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) last hidden states -> (B, V) logits: the only positions whose logits are needed."""
-        return _softcap(F.linear(self.norm(x), self.head)[:, : self.vocab], self.logit_cap)
+        return _softcap(wide_linear(self.norm(x), self.head)[:, : self.vocab], self.logit_cap)
 
     def _tables(self, x: torch.Tensor, positions: torch.Tensor) -> dict:
         """Rotary tables for each distinct rope key of the layers, computed once per forward."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .decoder import ARCHITECTURES, LeanDecoder, unwrap
+from .decoder import ARCHITECTURES, LeanDecoder, unwrap, wide_linear
 
 _GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -226,7 +226,7 @@ class QuantDecoder(LeanDecoder):
             x = x + layer.o(out.transpose(1, 2).reshape(B, T, nq * d))
             x = x + self._mlp(layer, x)
         self.length = T
-        return F.linear(_rms(x[:, -1], *self.norm), self.head)[:, : self.vocab]
+        return wide_linear(_rms(x[:, -1], *self.norm), self.head)[:, : self.vocab]
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """As LeanDecoder._decode: one (B,) token per row -> (B, V) logits."""
@@ -248,7 +248,7 @@ class QuantDecoder(LeanDecoder):
             x = x + layer.o(out)
             x = x + self._mlp(layer, x)
         self.length = end
-        return F.linear(_rms(x, *self.norm), self.head)[:, : self.vocab]
+        return wide_linear(_rms(x, *self.norm), self.head)[:, : self.vocab]
 
     @staticmethod
     def _mlp(layer: _QLayer, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .decoder import wide_linear
+
 
 def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and attention mask, padded on the right (real tokens never attend to padding)."""
@@ -41,8 +43,15 @@ def logits_fn(causal_lm, vocab: int):
     scale = getattr(text_config, "logit_scale", None)
     cap = getattr(text_config, "final_logit_softcapping", None)
 
+    plain = type(head) is torch.nn.Linear  # not LoRA-wrapped or quantised: its weight is the whole head
+
     def fn(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
+        if plain and hidden.dim() == 2:
+            logits = wide_linear(hidden, head.weight)
+            if head.bias is not None:
+                logits = logits + head.bias
+        else:
+            logits = head(hidden)
         if scale:
             logits = logits * scale
         if cap:

@@ -146,6 +146,7 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
     student = add_lora(load_model(inputs.src, **load), cfg)
     teacher = load_model(inputs.teacher_src, **load) if inputs.teacher_src else None
     pair = build_pair(student, renderer, cfg, vocab=vocab, quant=quant, teacher=teacher)
+    console.print(f"rollouts: {pair.sampler.description}", markup=False, highlight=False, soft_wrap=True)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     return Run(device, dtype, quant, work, tok, renderer, config, prompt_set, train, heldout, student, pair,

@@ -117,6 +117,7 @@ def test_distill_reports_what_was_dropped(bake_args, tmp_path):
     assert result.exit_code == 0, result.output
     assert (f"prompts: 8 prompts from {source} (11 read; dropped: 1 empty, 1 duplicated, "
             "1 too long for the context)") in result.stderr
+    assert "rollouts: LeanDecoder, float32" in result.stderr  # which sampler runs (or why the fast one can't) is said
     record = json.loads((tmp_path / "out" / "promptbake.json").read_text())
     assert record["prompts"] == {"source": str(source), "read": 11,
                                  "dropped": {"empty": 1, "duplicate": 1, "too_long": 1},

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_rollouts.py --model FOLDER --quant 4bit    # fast (QuantDecoder), exact, generate
     python benchmarks/bench_rollouts.py --model FOLDER --quant none    # fast (merged copy), exact, generate
+    python benchmarks/bench_rollouts.py --model gemma.gguf --quant none --chat-template prompts/templates/gemma3.jinja
 
 The samplers take turns on the same prompts (batch 8 of the bundled `default` set, the chat
 template's student render), each timed over --repeats rollouts after one untimed warm-up.
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--samplers", default="fast,exact,generate")
+    p.add_argument("--chat-template", help="Jinja chat template file, for models whose tokenizer has none (Gemma 3 GGUF)")
     args = p.parse_args()
 
     import torch
@@ -44,13 +46,13 @@ def main() -> None:
     from promptbake.models import load_model, load_tokenizer, pick_device_and_dtype, resolve_model
     from promptbake.render import Renderer
     from promptbake.samplers import SamplingArgs, make_sampler
-    from promptbake.setup import add_lora, quiet_libraries
+    from promptbake.setup import add_lora, quiet_libraries, read_template
 
     quiet_libraries()
     model = args.model or gguf_as_folder(smollm2_path(), Path("/tmp/promptbake-smollm2-folder"))
     device, dtype = pick_device_and_dtype()
     src = resolve_model(model)
-    tok = load_tokenizer(src)
+    tok = load_tokenizer(src, chat_template=read_template(args.chat_template))
     renderer = Renderer(tok, read_system_prompt(ROOT / "prompts/system/pirate.txt"))
     prompts = [renderer.student_ids(m) for m in load_prompts("default")[: args.batch_size]]
     torch.manual_seed(0)

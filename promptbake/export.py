@@ -345,20 +345,10 @@ def _pre_tokenizer(pre: dict | None) -> str:
 
 def end_of_turn(tok) -> str | None:
     """The special token the chat template closes an assistant turn with (<|im_end|>, <end_of_turn>...)."""
-    if not tok.chat_template:
-        return None
-    marker = "PBENDXQ"
-    try:
-        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                                       tokenize=False)
-    except Exception:
-        return None
-    after = text.split(marker, 1)[-1] if marker in text else ""
-    specials = {t.content for t in tok.added_tokens_decoder.values()}
-    for token in tok.tokenize(after):
-        if token in specials:
-            return token
-    return None
+    from .render import end_of_turn_id
+
+    token_id = end_of_turn_id(tok)
+    return None if token_id is None else tok.convert_ids_to_tokens(token_id)
 
 
 # --- tensors ------------------------------------------------------------------------------------

@@ -109,13 +109,13 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, int) and v not in ids:
                 ids.append(v)
-    end = _end_of_turn_id(tokenizer)
+    end = end_of_turn_id(tokenizer)
     if end is not None and end not in ids:
         ids.append(end)
     return ids
 
 
-def _end_of_turn_id(tokenizer) -> int | None:
+def end_of_turn_id(tokenizer) -> int | None:
     """The first special token the chat template writes after an assistant message's text, or None."""
     if not getattr(tokenizer, "chat_template", None):
         return None

@@ -45,7 +45,9 @@ class ModelOptions:
     """Where the model comes from and what it may do."""
 
     model: str = _opt(None, "Student model: a Hugging Face hub id, a local model folder, or a .gguf file.")
-    chat_template: Path | None = _opt(None, "Jinja chat template file, for tokenizers that have none.")
+    chat_template: Path | None = _opt(
+        None, "Jinja chat template file, for tokenizers that have none, or the name of one bundled with promptbake "
+        "(gemma3).")
     trust_remote_code: bool = _opt(False, "Allow the model repository to run its own Python code.")
     allow_pickle: bool = _opt(
         False, "Load weights stored only as pickle (pytorch_model.bin), which can run code: only for sources you trust."

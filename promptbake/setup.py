@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from .bakekey import BakeKey, bake_key, compare
 from .checkpoint import WorkFolder, run_settings
 from .checks import Check, checks_for
 from .config import DistillConfig
-from .data import BUNDLED_SETS, Messages, PromptSet, load_prompt_set, read_system_prompt, read_text_file, split_holdout
+from .data import BUNDLED_SETS, Messages, bundled_dir, PromptSet, load_prompt_set, read_system_prompt, read_text_file, split_holdout
 from .errors import ContextTooLongError, InputError, OutputExistsError, first_line, note
 from .lock import lock_output
 from .models import (ModelSource, check_tokenizers_match, context_length, load_config, load_model, load_tokenizer,
@@ -236,10 +237,18 @@ def quiet_libraries() -> None:
 
 
 def read_template(path: Path | None) -> str | None:
-    """The --chat-template file's text (None when not given)."""
+    """The --chat-template file's text (None when not given). A bare name that is no file here names a
+    template bundled with promptbake (`gemma3`: prompts/templates/gemma3.jinja), so it works outside a clone."""
     if path is None:
         return None
-    text = read_text_file(Path(path), "--chat-template")  # a regular file, at most 1 MiB
+    path = Path(path)
+    bundled = bundled_dir() / "templates" / f"{path.name}.jinja"
+    if not path.exists() and len(path.parts) == 1 and not path.suffix and bundled.is_file():
+        path = bundled
+    elif not path.exists() and not os.path.islink(path):
+        names = ", ".join(sorted(p.stem for p in (bundled_dir() / "templates").glob("*.jinja")))
+        raise InputError(f"--chat-template {path} does not exist (bundled templates, by name: {names}).")
+    text = read_text_file(path, "--chat-template")  # a regular file, at most 1 MiB
     if not text.strip():
         raise InputError(f"--chat-template {path} is empty.")
     return text

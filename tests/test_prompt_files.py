@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -98,3 +99,17 @@ def test_distill_with_a_fifo_or_device_is_one_error_line(tiny_model, prompt_file
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
     assert "named pipe (FIFO)" in result.output and not (tmp_path / "baked").exists()
+
+
+def test_a_bundled_chat_template_is_found_by_name_and_a_missing_one_lists_them(tmp_path, monkeypatch):
+    from promptbake.data import bundled_dir
+    from promptbake.setup import read_template
+
+    monkeypatch.chdir(tmp_path)  # outside a clone: no prompts/templates folder here
+    assert read_template(Path("gemma3")) == (bundled_dir() / "templates" / "gemma3.jinja").read_text(encoding="utf-8")
+    assert "<start_of_turn>" in read_template(Path("gemma3"))
+    with pytest.raises(InputError) as err:
+        read_template(Path("nosuch"))
+    assert str(err.value) == "--chat-template nosuch does not exist (bundled templates, by name: gemma3)."
+    (tmp_path / "gemma3").write_text("{{ messages }}", encoding="utf-8")  # a file of that name wins
+    assert read_template(Path("gemma3")) == "{{ messages }}"

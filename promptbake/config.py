@@ -145,7 +145,7 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
         choices=METHOD_CHOICES,
     )
     steps: int = _opt(30, "Optimizer steps; each samples a fresh batch of prompts.")
-    lr: float = _opt(1e-3, "AdamW learning rate for the LoRA weights: at every step, or the peak of a cosine "
+    lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights: at every step, or the peak of a cosine "
                      "--lr-schedule.")
     lr_schedule: str = _opt(
         "constant",

@@ -177,10 +177,10 @@ def test_resume_with_other_settings_is_refused(tiny_model, prompt_files, tmp_pat
     stop_at(monkeypatch, tiny_model, prompt_files, out, 4)
     before = sorted(p.name for p in work(out).iterdir())
 
-    lr = run(bake_args(tiny_model, prompt_files, out, "--lr", "0.002"))
+    lr = run(bake_args(tiny_model, prompt_files, out, "--lr", "0.001"))
     assert lr.exit_code == 2
-    assert lr.output.strip() == (f"error: {work(out)} holds a stopped bake with other settings: --lr was 0.001, "
-                                 f"now 0.002. Resume with the same settings, or delete {work(out)} to start afresh.")
+    assert lr.output.strip() == (f"error: {work(out)} holds a stopped bake with other settings: --lr was 0.0005, "
+                                 f"now 0.001. Resume with the same settings, or delete {work(out)} to start afresh.")
 
     other_prompt = tmp_path / "other.txt"
     other_prompt.write_text("Be terse.", encoding="utf-8")
@@ -231,10 +231,10 @@ def test_cosine_schedule_resumes_exactly(tiny_model, prompt_files, reference, co
                                          monkeypatch):
     """The rate is set from (step, --steps, --lr) before each update, so there is no scheduler state: a cosine
     bake stopped and resumed ends as the uninterrupted one does. Each metrics row logs its step's rate."""
-    assert [r["lr"] for r in metrics(reference)] == [1e-3] * STEPS
+    assert [r["lr"] for r in metrics(reference)] == [5e-4] * STEPS
     rows = metrics(cosine_reference)
-    assert [r["lr"] for r in rows] == [lr_at(s, STEPS, 1e-3, "cosine") for s in range(1, STEPS + 1)]
-    assert rows[0]["lr"] == 1e-3 and rows[-1]["lr"] == pytest.approx(1e-4)
+    assert [r["lr"] for r in rows] == [lr_at(s, STEPS, 5e-4, "cosine") for s in range(1, STEPS + 1)]
+    assert rows[0]["lr"] == 5e-4 and rows[-1]["lr"] == pytest.approx(5e-5)
     assert adapter_diff(reference, cosine_reference) > 1e-5  # the schedule changes the bake
 
     out = tmp_path / "baked"
@@ -300,7 +300,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model, prompt_files, 
     assert result.exit_code == 3
     assert result.output.strip().splitlines()[-1] == (
         f"error: step 5: the loss or gradient became nan; nothing was written to {out} and the last checkpoint "
-        f"(step 4) is kept in {work(out)}. Lower --lr (now 0.001) or use --quant none, and delete {work(out)} "
+        f"(step 4) is kept in {work(out)}. Lower --lr (now 0.0005) or use --quant none, and delete {work(out)} "
         "to start afresh.")
     assert not out.exists()
     assert not list(tmp_path.glob(".baked.partial-*"))

@@ -435,9 +435,17 @@ def markdown(data: dict) -> str:
 
 
 def write(data: dict, out: Path) -> None:
+    """Write data to OUT, keeping what another run wrote there meanwhile (bakes and references are merged,
+    not replaced: two runs sharing one OUT must not drop each other's rows)."""
     from promptbake.output import write_json
 
-    write_json(out / "results.json", data)
+    results = out / "results.json"
+    if results.exists():
+        on_disk = json.loads(results.read_text())
+        mine = {run_key(r) for r in data["runs"]}
+        data["runs"] = [r for r in on_disk.get("runs", []) if run_key(r) not in mine] + data["runs"]
+        data["reference"] = {**on_disk.get("reference", {}), **data["reference"]}
+    write_json(results, data)
     (out / "results.md").write_text(markdown(data), encoding="utf-8")
 
 

@@ -74,3 +74,29 @@ def test_compare_methods_bad_input(tmp_path):
     assert result.returncode == 2
     assert "--lr-schedule must be one of constant, cosine (got 'linear')." in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_two_runs_writing_one_results_folder_keep_each_others_bakes(tmp_path):
+    """Each run holds the results it read at its start; a write merges with the file instead of replacing it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
+    compare_methods = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_methods)
+
+    def row(seed):
+        return {"prompt": "pirate", "method": "opcd", "seed": seed, "settings": {"steps": 2, "max_new_tokens": 6},
+                "eval": {"prompts": 3},
+                "gap_closed": 0.5, "forward_gap_closed": 0.5, "checks": {}, "drift": 0.1, "train_s": 1.0}
+
+    first = {"runs": [], "reference": {"pirate@6": {"checks": {}, "eval": {"prompts": 3}}}}
+    second = {"runs": [], "reference": {"french@6": {"checks": {}, "eval": {"prompts": 3}}}}
+    first["runs"].append(row(0))
+    compare_methods.write(first, tmp_path)
+    second["runs"].append(row(1))  # this run read the folder before the first wrote its row
+    compare_methods.write(second, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["seed"] for r in data["runs"]) == [0, 1]
+    assert set(data["reference"]) == {"pirate@6", "french@6"}
+    compare_methods.write(second, tmp_path)  # writing again adds nothing twice
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 2

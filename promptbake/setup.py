@@ -22,7 +22,8 @@ from .bakekey import BakeKey, bake_key, compare
 from .checkpoint import WorkFolder, run_settings
 from .checks import Check, checks_for
 from .config import DistillConfig
-from .data import BUNDLED_SETS, Messages, bundled_dir, PromptSet, load_prompt_set, read_system_prompt, read_text_file, split_holdout
+from .data import (BUNDLED_SETS, Messages, PromptSet, bundled_dir, load_prompt_set, read_system_prompt, read_text_file,
+                   split_holdout)
 from .errors import ContextTooLongError, InputError, OutputExistsError, first_line, note
 from .lock import lock_output
 from .models import (ModelSource, check_tokenizers_match, context_length, load_config, load_model, load_tokenizer,

@@ -128,8 +128,8 @@ def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(n, D) @ (V, D).T for a weight far wider than x is tall: an LM head.
 
     On CPU this runs as (weight @ x.T).T: for a few rows against a wide weight the BLAS then
-    streams the weight about twice as fast (2-core AVX2 build machine, Gemma 3's 262k x 640 head:
-    8 rows 301 -> 113 ms, 128 rows 934 -> 642 ms). The same products, summed in another order.
+    streams the weight about twice as fast (2-core AVX2 build machine with another job running, Gemma 3's
+    262k x 640 head: 8 rows 301 -> 113 ms, 128 rows 934 -> 642 ms). The same products, summed in another order.
     Elsewhere (CUDA) it is F.linear.
     """
     if x.device.type != "cpu" or x.dim() != 2:

@@ -7,7 +7,8 @@ and a flash-attention kernel set up for a single query. `LeanDecoder` runs the s
 computation as the HF model (RMSNorm, rotary embeddings from the model's own rotary
 module, grouped-query attention, a gated MLP) on:
 
-- fused weights: one q|k|v projection and one gate|up projection per layer;
+- fused weights: one q|k|v projection and one gate|up projection per layer, kept on CPU
+  prepacked for oneDNN's matmul (see `_Linear`);
 - a preallocated KV cache written in place, one column per step for the whole batch
   (rows are left-padded, so every row's next token lands in the same column);
 - an additive key bias that masks padding, updated in place;
@@ -141,21 +142,58 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if not cap else torch.tanh(x / cap) * cap
 
 
-def _copy(t, dtype):
-    return None if t is None else t.detach().to(dtype, copy=True)
+_PACKS: dict = {}
 
 
-def _fuse(modules, dtype):
-    """One weight (and bias) for linear layers that read the same input: their outputs side by side."""
-    layers = [unwrap(m) for m in modules]
-    weight = torch.cat([m.weight.detach() for m in layers]).to(dtype)
-    bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers]).to(dtype)
-    # Each module's rows in the fused weight, for writing merged LoRA weights in later.
-    rows, at = {}, 0
-    for module, layer in zip(modules, layers):
-        rows[module] = weight[at : at + layer.out_features]
-        at += layer.out_features
-    return weight, bias, rows
+def _packs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch build and CPU run oneDNN's prepacked matmul in `dtype` (tried once, on a small weight)."""
+    if device.type != "cpu":
+        return False
+    if dtype not in _PACKS:
+        try:
+            w, x = torch.randn(24, 16).to(dtype), torch.randn(3, 16).to(dtype)
+            got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
+            _PACKS[dtype] = bool(torch.allclose(got.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2))
+        except (AttributeError, RuntimeError, NotImplementedError):  # no mkldnn build, or no kernel for dtype here
+            _PACKS[dtype] = False
+    return _PACKS[dtype]
+
+
+class _Linear:
+    """The linear layers `modules` (which read the same input) as one projection: outputs side by side.
+
+    On CPU the fused weight is kept only in oneDNN's prepacked layout, where the build and the CPU
+    have it: at the few rows a decode step multiplies, oneDNN's kernel on a packed weight runs
+    1.5-2.5x faster than F.linear (MKL) on the 2-core AVX2 build machine, for every projection
+    shape of SmolLM2 and Gemma 3 and for their LM heads (benchmarks/README.md, "Prepacked
+    weights"). Elsewhere the weight is a plain tensor. `load` rebuilds it from each module's
+    current weight, so merged LoRA weights go in by loading again.
+    """
+
+    def __init__(self, modules, dtype, *, pack: bool, wide: bool = False):
+        self.modules = list(modules)
+        self.dtype = dtype
+        layers = [unwrap(m) for m in self.modules]
+        self.bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers]).to(dtype)
+        self.pack = pack and _packs(dtype, layers[0].weight.device)
+        self.wide = wide  # an LM head: a few rows against a very wide weight
+        self.weight = self.packed = None
+
+    def load(self, weight_of) -> None:
+        """Set the fused weight from `weight_of(module)` for each module (a module's own weight: unwrap(m).weight)."""
+        parts = [weight_of(m).detach() for m in self.modules]
+        weight = parts[0].to(self.dtype) if len(parts) == 1 else torch.cat(parts).to(self.dtype)
+        if self.pack:
+            self.weight, self.packed = None, torch.ops.mkldnn._reorder_linear_weight(weight)
+        else:  # one module in its own dtype: the module's tensor itself, read and never written
+            self.weight, self.packed = weight, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.wide and self.bias is None:
+            return wide_linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 def _window(model, index: int) -> int | None:
@@ -167,16 +205,13 @@ def _window(model, index: int) -> int | None:
 
 
 class _Layer:
-    def __init__(self, layer, dtype, gemma: bool, window: int | None, rope_key):
+    def __init__(self, layer, dtype, gemma: bool, window: int | None, rope_key, pack: bool):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv, self.qkv_bias, rows = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.rows = dict(rows)
-        self.o, self.o_bias, rows = _fuse([attn.o_proj], dtype)
-        self.rows.update(rows)
-        self.gate_up, self.gate_up_bias, rows = _fuse([mlp.gate_proj, mlp.up_proj], dtype)
-        self.rows.update(rows)
-        self.down, self.down_bias, rows = _fuse([mlp.down_proj], dtype)
-        self.rows.update(rows)
+        self.qkv = _Linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, pack=pack)
+        self.o = _Linear([attn.o_proj], dtype, pack=pack)
+        self.gate_up = _Linear([mlp.gate_proj, mlp.up_proj], dtype, pack=pack)
+        self.down = _Linear([mlp.down_proj], dtype, pack=pack)
+        self.linears = (self.qkv, self.o, self.gate_up, self.down)
         self.act = _ACTIVATIONS[type(mlp.act_fn).__name__]
 
         def norm(module):
@@ -197,18 +232,20 @@ class _Layer:
 class LeanDecoder:
     """Batched sampling forward of a Llama- or Gemma-family model on its own copy of the weights.
 
-    `destinations()` maps each of the model's modules (PEFT wrappers included) to the
-    tensor in this copy that holds its weight, so merged LoRA weights can be written in.
+    `load(weight_of)` sets every weight from `weight_of(module)` for the model's modules (PEFT
+    wrappers included; `modules()` lists them), so merged LoRA weights go in by loading again.
+    A module's weight that needs no cast or fusing is read where the model keeps it, not copied.
+    `pack=False` keeps plain tensors on CPU too (the equality tests compare both).
     """
 
-    def __init__(self, model, dtype: torch.dtype):
+    def __init__(self, model, dtype: torch.dtype, *, pack: bool = True):
         inner, cfg = model.model, model.config
         gemma = cfg.model_type in GEMMA_FAMILY
         attn = inner.layers[0].self_attn
         # Gemma 3's rotary module keeps one table per layer type and is called with it.
         per_type_rope = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(inner.layers)
-        self.layers = [_Layer(layer, dtype, gemma, _window(model, i), types[i] if per_type_rope else None)
+        self.layers = [_Layer(layer, dtype, gemma, _window(model, i), types[i] if per_type_rope else None, pack)
                        for i, layer in enumerate(inner.layers)]
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -222,23 +259,35 @@ class LeanDecoder:
         self.device = inner.embed_tokens.weight.device
         self.rotary = inner.rotary_emb
         self.norm = _Norm(inner.norm, dtype, gemma)
-        embed_module, head_module = inner.embed_tokens, model.get_output_embeddings()
-        scale = getattr(unwrap(embed_module), "embed_scale", None)  # Gemma: sqrt(hidden), cast to the weights' dtype
+        self.embed_module, head_module = inner.embed_tokens, model.get_output_embeddings()
+        scale = getattr(unwrap(self.embed_module), "embed_scale", None)  # Gemma: sqrt(hidden), in the weights' dtype
         self.embed_scale = None if scale is None else scale.to(dtype)
-        self.embed = _copy(unwrap(embed_module).weight, dtype)
-        tied = unwrap(head_module).weight is unwrap(embed_module).weight
-        self.head = self.embed if tied and not _is_lora(embed_module) and not _is_lora(head_module) \
-            else _copy(unwrap(head_module).weight, dtype)
+        self.embed = None
+        self.head = _Linear([head_module], dtype, pack=pack, wide=True)
         self.vocab = cfg.vocab_size
-        self._destinations = {embed_module: self.embed, head_module: self.head}
-        for layer in self.layers:
-            self._destinations.update(layer.rows)
+        self.load(lambda module: unwrap(module).weight)
         self.key_bias = None  # (B * nk, 1, S_max) additive key bias: 0 where a row may attend, -inf elsewhere
         self.length = 0  # columns of the cache written so far
         self.positions = None  # (B, 1) position of each row's next token
 
-    def destinations(self) -> dict:
-        return self._destinations
+    def linears(self) -> list[_Linear]:
+        return [linear for layer in self.layers for linear in layer.linears] + [self.head]
+
+    def modules(self) -> set:
+        """The model's modules whose weights this copy holds."""
+        return {self.embed_module} | {m for linear in self.linears() for m in linear.modules}
+
+    @torch.no_grad()
+    def load(self, weight_of, changed=None) -> None:
+        """Set the weights from `weight_of(module)`: the embedding, each fused projection, the head.
+
+        `changed`: only the weights that hold one of these modules (the rest stay as they are).
+        """
+        if changed is None or self.embed_module in changed:
+            self.embed = weight_of(self.embed_module).detach().to(self.dtype)
+        for linear in self.linears():
+            if changed is None or any(m in changed for m in linear.modules):
+                linear.load(weight_of)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
@@ -246,7 +295,7 @@ class LeanDecoder:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) last hidden states -> (B, V) logits: the only positions whose logits are needed."""
-        return _softcap(wide_linear(self.norm(x), self.head)[:, : self.vocab], self.logit_cap)
+        return _softcap(self.head(self.norm(x))[:, : self.vocab], self.logit_cap)
 
     def _tables(self, x: torch.Tensor, positions: torch.Tensor) -> dict:
         """Rotary tables for each distinct rope key of the layers, computed once per forward."""
@@ -266,8 +315,8 @@ class LeanDecoder:
         if layer.ln_attn_out is not None:
             attn_out = layer.ln_attn_out(attn_out)
         x = x + attn_out
-        gate, up = F.linear(layer.ln_mlp(x), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-        mlp_out = F.linear(layer.act(gate) * up, layer.down, layer.down_bias)
+        gate, up = layer.gate_up(layer.ln_mlp(x)).chunk(2, dim=-1)
+        mlp_out = layer.down(layer.act(gate) * up)
         if layer.ln_mlp_out is not None:
             mlp_out = layer.ln_mlp_out(mlp_out)
         return x + mlp_out
@@ -286,13 +335,13 @@ class LeanDecoder:
             # a padding query sees itself: no empty rows, no NaN
             allowed[window] = (mask.bool()[:, None, None, :] & ok) | torch.eye(T, dtype=torch.bool, device=x.device)
         for layer in self.layers:
-            heads = F.linear(layer.ln_attn(x), layer.qkv, layer.qkv_bias).view(B, T, nq + 2 * nk, d)
+            heads = layer.qkv(layer.ln_attn(x)).view(B, T, nq + 2 * nk, d)
             q, k = self._qk(layer, heads, *tables[layer.rope_key])
             v = heads.narrow(-2, nq + nk, nk)
             layer.k_cache[:, :, :T] = k.transpose(1, 2)
             layer.v_cache[:, :, :T] = v.transpose(1, 2)
             out = self._prefill_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed[layer.window])
-            x = self._block(layer, x, F.linear(out.transpose(1, 2).reshape(B, T, nq * d), layer.o, layer.o_bias))
+            x = self._block(layer, x, layer.o(out.transpose(1, 2).reshape(B, T, nq * d)))
         self.length = T
         return self._logits(x[:, -1])
 
@@ -315,7 +364,7 @@ class LeanDecoder:
         x = self._embed(tokens)  # (B, D)
         tables = self._tables(x, self.positions[:, 0])  # each (B, 1, d): broadcasts over heads
         for layer in self.layers:
-            heads = F.linear(layer.ln_attn(x), layer.qkv, layer.qkv_bias).view(B, nq + 2 * nk, d)
+            heads = layer.qkv(layer.ln_attn(x)).view(B, nq + 2 * nk, d)
             q, k = self._qk(layer, heads, *tables[layer.rope_key])
             layer.k_cache[:, :, col] = k
             layer.v_cache[:, :, col] = heads.narrow(-2, nq + nk, nk)
@@ -332,7 +381,7 @@ class LeanDecoder:
                 scores = torch.baddbmm(bias, queries, keys.transpose(1, 2), alpha=self.scaling)
             probs = scores.softmax(-1, dtype=torch.float32).to(x.dtype)
             out = torch.bmm(probs, values).view(B, nq * d)
-            x = self._block(layer, x, F.linear(out, layer.o, layer.o_bias))
+            x = self._block(layer, x, layer.o(out))
         self.length = end
         return self._logits(x)
 
@@ -368,6 +417,3 @@ class LeanDecoder:
             layer.k_cache = layer.v_cache = None
         self.key_bias = None
 
-
-def _is_lora(module) -> bool:
-    return hasattr(module, "get_base_layer")

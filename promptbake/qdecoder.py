@@ -198,7 +198,7 @@ class QuantDecoder(LeanDecoder):
         self.length = 0
         self.positions = None
 
-    def destinations(self) -> dict:
+    def load(self, weight_of, changed=None) -> None:
         raise NotImplementedError("QuantDecoder reads the live weights; call refresh() instead")
 
     def refresh(self) -> None:

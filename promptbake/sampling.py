@@ -181,7 +181,7 @@ def sample_with_generate(
 class RolloutModel:
     """A plain (no LoRA wrappers) copy of the student for sampling, refreshed before each rollout.
 
-    Each refresh writes W + scale * B @ A into the copy's weights, so sampling runs on
+    Each refresh puts W + scale * B @ A into the copy's weights, so sampling runs on
     ordinary weights: no per-layer adapter work at every decoded token. The copy is a
     `LeanDecoder` (fused projections, static KV cache) for Llama- and Gemma-family models, else a
     merged HF model; `reason` says why the lean one wasn't used. The copy may use a
@@ -198,12 +198,12 @@ class RolloutModel:
         self.reason = unsupported_reason(base) if lean else "lean decoder turned off"
         if self.reason is None:
             self.model = LeanDecoder(base, dtype)
-            where = self.model.destinations()
-            missing = [m for m in self.loras if m not in where]
+            held = self.model.modules()
+            missing = [m for m in self.loras if m not in held]
             if missing:
                 self.reason = f"LoRA on {type(unwrap(missing[0])).__name__} layers"
         if self.reason is None:
-            self.targets = [(lora, where[lora]) for lora in self.loras]
+            self.targets = None
         else:
             import copy
 
@@ -215,6 +215,10 @@ class RolloutModel:
 
     @torch.no_grad()
     def refresh(self) -> None:
+        if self.targets is None:  # LeanDecoder: rebuild its fused (and packed) weights with the merged ones
+            loras = set(self.loras)
+            self.model.load(lambda m: _merged_weight(m) if m in loras else unwrap(m).weight, changed=loras)
+            return
         for lora, weight in self.targets:
             weight.copy_(_merged_weight(lora))
 

@@ -6,7 +6,7 @@ import torch
 import tiny
 from promptbake.setup import add_lora
 from promptbake.config import DistillConfig
-from promptbake.decoder import LeanDecoder, unsupported_reason
+from promptbake.decoder import LeanDecoder, _packs, unsupported_reason, unwrap
 from promptbake.sampling import RolloutModel, left_pad, sample, sample_with_generate
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -59,13 +59,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("case", CASES)
 @torch.no_grad()
-def test_prefill_and_steps_match_hf_forward(case):
+def test_prefill_and_steps_match_hf_forward(case, pack):
     over = dict(CASES[case])
     model = _model(over.pop("kind"), **over)
     assert unsupported_reason(model) is None
-    decoder = LeanDecoder(model, torch.float32)
+    decoder = LeanDecoder(model, torch.float32, pack=pack)
+    assert all((linear.packed is not None) == (pack and _packs(torch.float32, torch.device("cpu")))
+               for linear in decoder.linears())
     rows = [list(p) for p in PROMPTS]
     ids, mask = left_pad(rows, 0, "cpu")
     got = decoder.start(ids, mask, max_new_tokens=6)
@@ -151,3 +154,17 @@ def test_bf16_copy_samples_the_same_greedy_tokens_as_fp32(tiny_dir):
     bf16 = sample(RolloutModel(pair.student, torch.bfloat16).model, ids, generator=g, **kw)
     agree = sum(a == b for x, y in zip(fp32, bf16) for a, b in zip(x, y)) / sum(map(len, fp32))
     assert agree >= 0.75, (fp32, bf16)  # bf16 may flip a near-tie; it must not produce a different model
+
+
+def test_packing_is_probed_and_refused_where_the_kernel_is_missing():
+    """On this CPU build oneDNN packs fp32; a dtype it can't pack (or a non-CPU device) falls back to plain."""
+    import torch.backends.mkldnn
+
+    if torch.backends.mkldnn.is_available():
+        assert _packs(torch.float32, torch.device("cpu"))
+    assert not _packs(torch.float32, torch.device("meta"))
+    model = _model("llama")
+    decoder = LeanDecoder(model, torch.float32, pack=False)
+    head = decoder.head
+    assert head.packed is None and head.weight.data_ptr() == model.lm_head.weight.data_ptr()  # read, not copied
+    assert decoder.embed.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -36,6 +36,7 @@ only: no gradients, no training.
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,53 @@ def _packs(dtype: torch.dtype, device: torch.device) -> bool:
     return _PACKS[dtype]
 
 
+_SHARED: dict = {}  # id(weight) -> (weakref to it, its version, its packed copy)
+
+
+def shared_pack(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's prepacked copy of a weight nobody writes (an LM head), one per weight, shared.
+
+    The sampler's head and the loss's heads read the same frozen weight: one packed copy
+    serves them all, made on first use and dropped when the weight is. A weight changed in
+    place (its version moves) is packed again. Check `_packs` first.
+    """
+    key = id(weight)
+    entry = _SHARED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+        return entry[2]
+    if entry is None:
+        weakref.finalize(weight, _SHARED.pop, key, None)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    _SHARED[key] = (weakref.ref(weight), weight._version, packed)
+    return packed
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x @ weight.T through a prepacked copy of a frozen weight; the gradient flows to x only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, packed):
+        ctx.save_for_backward(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad.to(weight.dtype) @ weight, None, None
+
+
+def head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(n, D) @ (V, D).T for an LM head, the fastest exact way this device has.
+
+    A frozen head on a CPU with oneDNN: through the shared packed copy (`shared_pack`; the
+    gradient reaches x, as the head is frozen); else `wide_linear`.
+    """
+    if (x.dim() == 2 and not weight.requires_grad and x.dtype == weight.dtype
+            and x.device.type == "cpu" and _packs(weight.dtype, weight.device)):
+        return _PackedLinear.apply(x, weight, shared_pack(weight))
+    return wide_linear(x, weight)
+
+
 class _Linear:
     """The linear layers `modules` (which read the same input) as one projection: outputs side by side.
 
@@ -181,7 +229,12 @@ class _Linear:
 
     def load(self, weight_of) -> None:
         """Set the fused weight from `weight_of(module)` for each module (a module's own weight: unwrap(m).weight)."""
-        parts = [weight_of(m).detach() for m in self.modules]
+        parts = [weight_of(m) for m in self.modules]
+        own = len(parts) == 1 and parts[0] is unwrap(self.modules[0]).weight and parts[0].dtype == self.dtype
+        if self.pack and self.wide and own and not parts[0].requires_grad:  # a frozen head: the loss packs it too
+            self.weight, self.packed = None, shared_pack(parts[0])
+            return
+        parts = [part.detach() for part in parts]
         weight = parts[0].to(self.dtype) if len(parts) == 1 else torch.cat(parts).to(self.dtype)
         if self.pack:
             self.weight, self.packed = None, torch.ops.mkldnn._reorder_linear_weight(weight)

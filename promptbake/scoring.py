@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import wide_linear
+from .decoder import head_linear
 
 
 def right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +47,7 @@ def logits_fn(causal_lm, vocab: int):
 
     def fn(hidden: torch.Tensor) -> torch.Tensor:
         if plain and hidden.dim() == 2:
-            logits = wide_linear(hidden, head.weight)
+            logits = head_linear(hidden, head.weight)
             if head.bias is not None:
                 logits = logits + head.bias
         else:

@@ -168,3 +168,34 @@ def test_packing_is_probed_and_refused_where_the_kernel_is_missing():
     head = decoder.head
     assert head.packed is None and head.weight.data_ptr() == model.lm_head.weight.data_ptr()  # read, not copied
     assert decoder.embed.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_frozen_head_is_packed_once_and_shared_by_the_sampler_and_the_loss():
+    """head_linear: F.linear's values and input gradient; one packed copy for every reader; repacked if written."""
+    from promptbake.decoder import head_linear, shared_pack
+    from promptbake.scoring import logits_fn
+
+    if not _packs(torch.float32, torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN fp32 kernel")
+    model = _model("llama", tie_word_embeddings=False)
+    student = add_lora(model, DistillConfig(model="x", prompt="x", lora_rank=4))
+    base = student.get_base_model()
+    weight = base.lm_head.weight
+    assert not weight.requires_grad
+    x = torch.randn(5, weight.shape[1], requires_grad=True)
+    got = head_linear(x, weight)
+    want_x = x.detach().clone().requires_grad_(True)
+    want = torch.nn.functional.linear(want_x, weight)
+    assert (got - want).abs().max() < 1e-5
+    g = torch.randn_like(got)
+    got.backward(g), want.backward(g)
+    assert (x.grad - want_x.grad).abs().max() < 1e-5
+
+    ro = RolloutModel(student, torch.float32)
+    assert ro.model.head.packed is shared_pack(weight)  # the sampler's head is the loss's
+    fn = logits_fn(base, weight.shape[0])
+    with torch.no_grad():
+        before = fn(x.detach())
+        weight.mul_(2.0)  # written in place: the shared copy must not go stale
+        after = fn(x.detach())
+    assert (after - 2 * before).abs().max() < 1e-4

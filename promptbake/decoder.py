@@ -143,21 +143,21 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if not cap else torch.tanh(x / cap) * cap
 
 
-_PACKS: dict = {}
+_CAN_PACK: dict = {}
 
 
-def _packs(dtype: torch.dtype, device: torch.device) -> bool:
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether this torch build and CPU run oneDNN's prepacked matmul in `dtype` (tried once, on a small weight)."""
     if device.type != "cpu":
         return False
-    if dtype not in _PACKS:
+    if dtype not in _CAN_PACK:
         try:
             w, x = torch.randn(24, 16).to(dtype), torch.randn(3, 16).to(dtype)
             got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
-            _PACKS[dtype] = bool(torch.allclose(got.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2))
+            _CAN_PACK[dtype] = bool(torch.allclose(got.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2))
         except (AttributeError, RuntimeError, NotImplementedError):  # no mkldnn build, or no kernel for dtype here
-            _PACKS[dtype] = False
-    return _PACKS[dtype]
+            _CAN_PACK[dtype] = False
+    return _CAN_PACK[dtype]
 
 
 _SHARED: dict = {}  # id(weight) -> (weakref to it, its version, its packed copy)
@@ -168,7 +168,7 @@ def shared_pack(weight: torch.Tensor) -> torch.Tensor:
 
     The sampler's head and the loss's heads read the same frozen weight: one packed copy
     serves them all, made on first use and dropped when the weight is. A weight changed in
-    place (its version moves) is packed again. Check `_packs` first.
+    place (its version moves) is packed again. Check `can_pack` first.
     """
     key = id(weight)
     entry = _SHARED.get(key)
@@ -202,7 +202,7 @@ def head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     gradient reaches x, as the head is frozen); else `wide_linear`.
     """
     if (x.dim() == 2 and not weight.requires_grad and x.dtype == weight.dtype
-            and x.device.type == "cpu" and _packs(weight.dtype, weight.device)):
+            and x.device.type == "cpu" and can_pack(weight.dtype, weight.device)):
         return _PackedLinear.apply(x, weight, shared_pack(weight))
     return wide_linear(x, weight)
 
@@ -223,7 +223,7 @@ class _Linear:
         self.dtype = dtype
         layers = [unwrap(m) for m in self.modules]
         self.bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers]).to(dtype)
-        self.pack = pack and _packs(dtype, layers[0].weight.device)
+        self.pack = pack and can_pack(dtype, layers[0].weight.device)
         self.wide = wide  # an LM head: a few rows against a very wide weight
         self.weight = self.packed = None
 

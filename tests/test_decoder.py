@@ -6,7 +6,7 @@ import torch
 import tiny
 from promptbake.setup import add_lora
 from promptbake.config import DistillConfig
-from promptbake.decoder import LeanDecoder, _packs, unsupported_reason, unwrap
+from promptbake.decoder import LeanDecoder, can_pack, unsupported_reason, unwrap
 from promptbake.sampling import RolloutModel, left_pad, sample, sample_with_generate
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -67,7 +67,7 @@ def test_prefill_and_steps_match_hf_forward(case, pack):
     model = _model(over.pop("kind"), **over)
     assert unsupported_reason(model) is None
     decoder = LeanDecoder(model, torch.float32, pack=pack)
-    assert all((linear.packed is not None) == (pack and _packs(torch.float32, torch.device("cpu")))
+    assert all((linear.packed is not None) == (pack and can_pack(torch.float32, torch.device("cpu")))
                for linear in decoder.linears())
     rows = [list(p) for p in PROMPTS]
     ids, mask = left_pad(rows, 0, "cpu")
@@ -161,8 +161,8 @@ def test_packing_is_probed_and_refused_where_the_kernel_is_missing():
     import torch.backends.mkldnn
 
     if torch.backends.mkldnn.is_available():
-        assert _packs(torch.float32, torch.device("cpu"))
-    assert not _packs(torch.float32, torch.device("meta"))
+        assert can_pack(torch.float32, torch.device("cpu"))
+    assert not can_pack(torch.float32, torch.device("meta"))
     model = _model("llama")
     decoder = LeanDecoder(model, torch.float32, pack=False)
     head = decoder.head
@@ -175,7 +175,7 @@ def test_a_frozen_head_is_packed_once_and_shared_by_the_sampler_and_the_loss():
     from promptbake.decoder import head_linear, shared_pack
     from promptbake.scoring import logits_fn
 
-    if not _packs(torch.float32, torch.device("cpu")):
+    if not can_pack(torch.float32, torch.device("cpu")):
         pytest.skip("this torch build has no oneDNN fp32 kernel")
     model = _model("llama", tie_word_embeddings=False)
     student = add_lora(model, DistillConfig(model="x", prompt="x", lora_rank=4))

@@ -42,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ROOT, smollm2_path  # noqa: E402
 
 METHODS = ("opcd", "offpolicy", "sft")
-# Example prompts whose checks the prompted SmolLM2-135M passes more often than the base (docs/defaults.md);
-# json and expert it never follows, support's sign-off lies past 64 new tokens.
-KEPT = ("pirate", "concise", "french")
+# Example prompts SmolLM2-135M follows at all (docs/defaults.md): on two eval seeds at 64 new tokens the
+# prompted teacher passes the checks of pirate, french and spanish 25-62 points more often than the base,
+# concise's 19; json and expert it never follows, support's sign-off lies past 64 new tokens.
+KEPT = ("pirate", "concise", "french", "spanish")
 SWEEPABLE = {"lr": float, "steps": int, "batch_size": int, "max_new_tokens": int, "lora_rank": int,
              "lora_alpha": float, "temperature": float, "top_p": float, "kl_topk": int, "lora_dropout": float,
              "lr_schedule": str, "samples_per_prompt": int}

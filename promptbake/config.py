@@ -144,7 +144,7 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
         "the prompted teacher's samples. The held-out KL is the reverse KL on student samples for every method.",
         choices=METHOD_CHOICES,
     )
-    steps: int = _opt(30, "Optimizer steps; each samples a fresh batch of prompts.")
+    steps: int = _opt(45, "Optimizer steps; each samples a fresh batch of prompts.")
     lr: float = _opt(5e-4, "AdamW learning rate for the LoRA weights: at every step, or the peak of a cosine "
                      "--lr-schedule.")
     lr_schedule: str = _opt(

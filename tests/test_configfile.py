@@ -79,8 +79,8 @@ def test_flags_override_the_file(tmp_path, captured):
     assert cfg.prompt == Path("other.txt")  # a flag's path stays as typed: relative to the working directory
     assert cfg.batch_size == 3  # not given as a flag: the file's
     # A flag given with the default's value still overrides the file.
-    cfg = distill_cfg(captured, "--config", config, "--steps", "30")
-    assert cfg.steps == 30
+    cfg = distill_cfg(captured, "--config", config, "--steps", str(DistillConfig.steps))
+    assert cfg.steps == DistillConfig.steps
 
 
 def test_without_a_file_defaults_apply(tmp_path, captured):

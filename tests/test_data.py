@@ -324,7 +324,7 @@ def passes(check: dict, text: str) -> bool | None:
 def test_every_example_system_prompt_has_checks_that_a_plain_answer_fails():
     tomllib = pytest.importorskip("tomllib")
     prompts = sorted((bundled_dir() / "system").glob("*.txt"))
-    assert [p.stem for p in prompts] == ["concise", "expert", "french", "json", "pirate", "support"]
+    assert [p.stem for p in prompts] == ["concise", "expert", "french", "json", "pirate", "spanish", "support"]
     for path in prompts:
         checks = tomllib.loads(path.with_name(f"{path.stem}.checks.toml").read_text(encoding="utf-8"))["check"]
         names = [c["name"] for c in checks]

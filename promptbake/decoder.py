@@ -283,7 +283,7 @@ class _Layer:
 
 
 class LeanDecoder:
-    """Batched sampling forward of a Llama- or Gemma-family model on its own copy of the weights.
+    """Batched sampling forward of a Llama- or Gemma-family model on fused (on CPU, prepacked) weights.
 
     `load(weight_of)` sets every weight from `weight_of(module)` for the model's modules (PEFT
     wrappers included; `modules()` lists them), so merged LoRA weights go in by loading again.

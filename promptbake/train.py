@@ -18,6 +18,7 @@ from .checkpoint import work_path
 from .config import DistillConfig
 from .data import Messages, spread
 from .errors import TrainingError
+from .eval.report import per_token_mean
 from .methods import METHODS, PhaseTimer
 from .setup import Run
 
@@ -123,17 +124,6 @@ def heldout_kl(run: Run, heldout: list[Messages], cfg: DistillConfig, console: C
     console.print(f"held-out reverse KL per token {when} training: {value:.4f} ± {stderr:.4f} "
                   f"({result.prompts} prompts, {result.tokens} tokens, {result.seconds:.0f} s)", highlight=False)
     return result
-
-
-def per_token_mean(sums: list[float], counts: list[int]) -> tuple[float, float]:
-    """Mean per token of per-prompt sums, and its standard error with prompts as the independent draws
-    (the ratio estimator's: tokens of one response are not independent of each other)."""
-    n, tokens = len(counts), sum(counts)
-    if not tokens:
-        return 0.0, 0.0
-    mean = sum(sums) / tokens
-    var = sum((s - mean * c) ** 2 for s, c in zip(sums, counts)) / max(n - 1, 1)
-    return mean, math.sqrt(n * var) / tokens
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -126,7 +126,7 @@ def test_heldout_measurement_is_capped_and_reports_its_precision(tiny_dir, sys_p
 
 
 def test_per_token_mean_and_its_standard_error():
-    from promptbake.train import per_token_mean
+    from promptbake.eval.report import per_token_mean
 
     # Three prompts: per-token KL 0.1 on 10 tokens, 0.3 on 10, 0.2 on 20 -> mean 8 / 40 = 0.2.
     mean, se = per_token_mean([1.0, 3.0, 4.0], [10, 10, 20])

@@ -22,7 +22,7 @@ from promptbake import DistillConfig, distill
 from promptbake.checks import parse_checks
 from promptbake.cli import app
 from promptbake.config import EvalConfig
-from promptbake.eval import KL, CheckRates, EvalReport, apply_gates, evaluate, gap_closed
+from promptbake.eval import KL, CheckRates, EvalReport, apply_gates, evaluate, gap_closed, gap_closed_stderr, markdown
 from promptbake.data import spread
 from promptbake.eval.report import write_report
 from promptbake.losses import chunked_kl as token_kl
@@ -104,6 +104,22 @@ def hand_report(baked_kl=0.25, base_kl=1.0, rates=((3, 4, 0), (1, 0, 0)), drift=
     )
 
 
+def test_gap_closed_standard_error_by_the_delta_method():
+    # ratio 0.25 / 1.0; relative errors 0.05 / 0.25 = 0.2 and 0.1 / 1.0 = 0.1 -> 0.25 * sqrt(0.04 + 0.01).
+    assert gap_closed_stderr(KL(0.25, 8, 100, 0.05), KL(1.0, 8, 90, 0.1)) == pytest.approx(0.25 * 0.05 ** 0.5)
+    assert gap_closed_stderr(KL(0.0, 8, 100, 0.0), KL(1.0, 8, 90, 0.1)) == 0.0  # baked KL 0: nothing to scale
+    assert gap_closed_stderr(KL(0.1, 8, 100, 0.01), KL(0.0, 8, 90, 0.0)) is None  # as gap_closed
+    # From per-prompt sums: the mean per token and per_token_mean's standard error.
+    kl = KL.from_sums([1.0, 3.0, 4.0], [10, 10, 20])
+    assert (kl.value, kl.prompts, kl.tokens) == (pytest.approx(0.2), 3, 40)
+    assert kl.stderr == pytest.approx(3 ** 0.5 / 40)
+    report = hand_report()
+    report.reverse_kl = {"baked": KL(0.25, 8, 100, 0.05), "base": KL(1.0, 8, 90, 0.1)}
+    assert apply_gates(report, min_gap_closed=0.7)[0].message == "gap closed 75.0% ± 5.6% >= --min-gap-closed 0.7"
+    assert report.to_json()["fidelity"]["gap_closed_stderr"] == round(0.25 * 0.05 ** 0.5, 4)
+    assert "75% ± 6" in markdown(report)
+
+
 def test_gates_compare_against_thresholds():
     report = hand_report()
     gates = apply_gates(report, min_gap_closed=0.75, min_pass_rate=0.75, max_drift=0.05)
@@ -163,6 +179,10 @@ def test_eval_closes_part_of_the_gap_on_held_out_prompts(tiny):
     assert r["baked"].value < r["base"].value  # KL(baked || teacher) < KL(base || teacher)
     assert report.gap_closed > 0.1 and report.passed
     assert report.drift.value > 0 and report.drift.prompts == 8
+    # Each KL carries its standard error over the 8 prompts; the gap closed carries one from both.
+    assert all(k.stderr > 0 for k in (*r.values(), *report.forward_kl.values()))
+    assert 0 < report.gap_closed_stderr < 1
+    assert report.gap_closed_stderr == pytest.approx(gap_closed_stderr(r["baked"], r["base"]))
 
 
 def test_eval_cli_prints_and_writes_reports(tiny, tmp_path):

@@ -9,8 +9,9 @@
 It shares setup code with the bake (setup.py) and never imports the bake itself.
 """
 
-from .report import KL, SYSTEMS, CheckRates, EvalReport, Gate, apply_gates, gap_closed, markdown, print_report
+from .report import (KL, SYSTEMS, CheckRates, EvalReport, Gate, apply_gates, gap_closed, gap_closed_stderr, markdown,
+                     print_report)
 from .run import evaluate, evaluate_bake
 
 __all__ = ["KL", "SYSTEMS", "CheckRates", "EvalReport", "Gate", "apply_gates", "evaluate", "evaluate_bake",
-           "gap_closed", "markdown", "print_report"]
+           "gap_closed", "gap_closed_stderr", "markdown", "print_report"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +18,46 @@ SHOWN_SAMPLES = 3  # prompts shown side by side in the terminal and eval.md
 
 @dataclass
 class KL:
-    """A mean per-token KL and what it was measured on."""
+    """A mean per-token KL, its standard error (prompts as the independent draws) and what it was measured on."""
 
     value: float
     prompts: int
     tokens: int
+    stderr: float = 0.0
+
+    @classmethod
+    def from_sums(cls, sums: list[float], counts: list[int]) -> KL:
+        """From each prompt's summed KL and its response tokens."""
+        value, stderr = per_token_mean(sums, counts)
+        return cls(value, len(counts), sum(counts), stderr)
 
     def to_json(self) -> dict:
-        return {"value": round(self.value, 6), "prompts": self.prompts, "tokens": self.tokens}
+        return {"value": round(self.value, 6), "stderr": round(self.stderr, 6), "prompts": self.prompts,
+                "tokens": self.tokens}
+
+
+def per_token_mean(sums: list[float], counts: list[int]) -> tuple[float, float]:
+    """Mean per token of per-prompt sums, and its standard error with prompts as the independent draws
+    (the ratio estimator's: tokens of one response are not independent of each other)."""
+    n, tokens = len(counts), sum(counts)
+    if not tokens:
+        return 0.0, 0.0
+    mean = sum(sums) / tokens
+    var = sum((s - mean * c) ** 2 for s, c in zip(sums, counts)) / max(n - 1, 1)
+    return mean, math.sqrt(n * var) / tokens
+
+
+def gap_closed_stderr(baked: KL, base: KL) -> float | None:
+    """Standard error of gap_closed(baked, base), by the delta method on the ratio baked / base.
+
+    The two means are taken as independent. They are measured on the same prompts, and a prompt
+    that is hard for one system tends to be hard for the other; that correlation would narrow the
+    error, so this one errs on the wide side."""
+    if base.value <= 0:
+        return None
+    ratio = baked.value / base.value
+    rel = (baked.stderr / baked.value) ** 2 if baked.value > 0 else 0.0
+    return abs(ratio) * math.sqrt(rel + (base.stderr / base.value) ** 2)
 
 
 @dataclass
@@ -80,6 +113,14 @@ class EvalReport:
         return gap_closed(self.forward_kl["baked"].value, self.forward_kl["base"].value)
 
     @property
+    def gap_closed_stderr(self) -> float | None:
+        return gap_closed_stderr(self.reverse_kl["baked"], self.reverse_kl["base"])
+
+    @property
+    def forward_gap_closed_stderr(self) -> float | None:
+        return gap_closed_stderr(self.forward_kl["baked"], self.forward_kl["base"])
+
+    @property
     def passed(self) -> bool:
         return all(g.passed for g in self.gates)
 
@@ -93,7 +134,9 @@ class EvalReport:
                 "reverse_kl": {k: v.to_json() for k, v in self.reverse_kl.items()},
                 "forward_kl": {k: v.to_json() for k, v in self.forward_kl.items()},
                 "gap_closed": _round(self.gap_closed),
+                "gap_closed_stderr": _round(self.gap_closed_stderr),
                 "forward_gap_closed": _round(self.forward_gap_closed),
+                "forward_gap_closed_stderr": _round(self.forward_gap_closed_stderr),
             },
             "checks": [c.to_json() for c in self.checks],
             "drift": None if self.drift is None else self.drift.to_json(),
@@ -121,7 +164,9 @@ def apply_gates(report: EvalReport, *, min_gap_closed=None, min_pass_rate=None, 
         if gap is None:
             msg = "gap closed can't be measured: the system prompt doesn't change the base model (KL 0)"
         else:
-            msg = f"gap closed {gap:.1%} {'>=' if ok else 'is below'} --min-gap-closed {min_gap_closed:g}"
+            se = report.gap_closed_stderr
+            msg = (f"gap closed {gap:.1%}{f' ± {se:.1%}' if se else ''} {'>=' if ok else 'is below'} "
+                   f"--min-gap-closed {min_gap_closed:g}")
         gates.append(Gate("--min-gap-closed", min_gap_closed, gap, ok, msg))
     if min_pass_rate is not None:
         for c in report.checks:
@@ -144,6 +189,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}".replace("-0%", "0%")
 
 
+def _pct_se(x: float | None, se: float | None) -> str:
+    """A share with its standard error in points: '52% ± 15'."""
+    return _pct(x) if x is None or not se else f"{_pct(x)} ± {100 * se:.0f}"
+
+
 def _short(text: str, n: int = 240) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -158,12 +208,14 @@ def print_report(report: EvalReport, console: Console, samples: int = SHOWN_SAMP
     fid = Table(title="fidelity: per-token KL to the teacher (lower is closer)", title_justify="left")
     for col in ("", "baked", "base", "gap closed", "measured on"):
         fid.add_column(col, justify="left" if col in ("", "measured on") else "right")
-    fid.add_row("KL(x ‖ teacher)", f"{r['baked'].value:.4f}", f"{r['base'].value:.4f}", _pct(report.gap_closed),
+    fid.add_row("KL(x ‖ teacher)", f"{r['baked'].value:.4f}", f"{r['base'].value:.4f}",
+                _pct_se(report.gap_closed, report.gap_closed_stderr),
                 f"own samples: {r['baked'].prompts} prompts, {r['baked'].tokens} + {r['base'].tokens} tokens")
     fid.add_row("KL(teacher ‖ x)", f"{f['baked'].value:.4f}", f"{f['base'].value:.4f}",
-                _pct(report.forward_gap_closed), f"teacher samples: {f['baked'].prompts} prompts, "
+                _pct_se(report.forward_gap_closed, report.forward_gap_closed_stderr), f"teacher samples: {f['baked'].prompts} prompts, "
                 f"{f['baked'].tokens} tokens")
     console.print(fid)
+    console.print("gap closed: ± one standard error, prompts as the draws: more prompts narrow it", style="dim")
     if report.checks:
         tab = Table(title="behaviour checks: pass rate", title_justify="left")
         tab.add_column("check")
@@ -195,10 +247,13 @@ def markdown(report: EvalReport, samples: int = SHOWN_SAMPLES) -> str:
         "## Fidelity", "",
         "Per-token KL to the teacher (base model with the system prompt); lower is closer.", "",
         "| | baked | base | gap closed | measured on |", "|---|---:|---:|---:|---|",
-        f"| KL(x ‖ teacher) | {r['baked'].value:.4f} | {r['base'].value:.4f} | {_pct(report.gap_closed)} | "
+        f"| KL(x ‖ teacher) | {r['baked'].value:.4f} | {r['base'].value:.4f} | "
+        f"{_pct_se(report.gap_closed, report.gap_closed_stderr)} | "
         f"each system's own samples: {r['baked'].prompts} prompts, {r['baked'].tokens} + {r['base'].tokens} tokens |",
-        f"| KL(teacher ‖ x) | {f['baked'].value:.4f} | {f['base'].value:.4f} | {_pct(report.forward_gap_closed)} | "
+        f"| KL(teacher ‖ x) | {f['baked'].value:.4f} | {f['base'].value:.4f} | "
+        f"{_pct_se(report.forward_gap_closed, report.forward_gap_closed_stderr)} | "
         f"teacher samples: {f['baked'].prompts} prompts, {f['baked'].tokens} tokens |", "",
+        "Gap closed is given ± one standard error, with the prompts as the independent draws.", "",
     ]
     if report.checks:
         lines += ["## Behaviour checks", "", "| check | baked | teacher | base |", "|---|---:|---:|---:|"]

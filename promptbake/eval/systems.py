@@ -64,15 +64,17 @@ class ComparedModels:
         (p_lm, p_ids), (q_lm, q_ids) = self._view(p, prompts), self._view(q, prompts)
         p_head, q_head = logits_fn(p_lm, self.vocab), logits_fn(q_lm, self.vocab)
         pad, B = self.tok.pad_token_id, self.batch_size
-        total, tokens = 0.0, 0
+        sums, counts = [], []  # per prompt: summed KL and response tokens
         for i in range(0, len(prompts), B):
             rows = responses[i : i + B]
             with torch.no_grad():
-                hp = response_hidden(p_lm, p_ids[i : i + B], rows, pad)  # (N, H)
+                hp = response_hidden(p_lm, p_ids[i : i + B], rows, pad)  # (N, H), rows in order
                 hq = response_hidden(q_lm, q_ids[i : i + B], rows, pad)  # (N, H)
-            kl = chunked_kl(hp, hq, p_head, q_head, chunk_size=self.chunk_size)  # (N,)
-            total, tokens = total + kl.double().sum().item(), tokens + kl.numel()
-        return KL(total / max(tokens, 1), len(prompts), tokens)
+            kl = chunked_kl(hp, hq, p_head, q_head, chunk_size=self.chunk_size).double()  # (N,)
+            for row in kl.split([len(r) for r in rows]):
+                sums.append(row.sum().item())
+                counts.append(row.numel())
+        return KL.from_sums(sums, counts)
 
     def text(self, responses: list[list[int]]) -> list[str]:
         return [self.tok.decode(r, skip_special_tokens=True).strip() for r in responses]

@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-prompts", type=int, default=16, help="Held-out prompts per evaluation (from `eval`).")
     p.add_argument("--ood-prompts", type=int, default=16, help="Drift prompts per evaluation (from `ood`); 0 = none.")
     p.add_argument("--eval-seed", type=int, default=0, help="Sampling seed of every evaluation.")
+    p.add_argument("--eval-batch-size", type=int, default=8,
+                   help="Rows sampled and scored at a time in every evaluation, whatever the bakes' --batch-size: "
+                        "batching changes the numerics, and at temperature 1 a changed token changes the answer.")
     p.add_argument("--heldout-prompts", type=int, default=8,
                    help="Prompts of each bake's own before/after held-out KL (its figures are kept, but the "
                         "comparison's come from --eval-prompts); 0 = the bake's default.")
@@ -180,7 +183,7 @@ class Evaluator:
 
         return ComparedModels(baked_lm, self.base_lm, Renderer(self.tok, system, self.model), vocab=self.vocab,
                               max_new_tokens=max_new, temperature=temperature,
-                              batch_size=self.args.batch_size)
+                              batch_size=self.args.eval_batch_size)
 
     def teacher_and_base(self, name: str, system: str, checks, max_new: int, temperature: float) -> dict:
         """Samples, check passes and KLs of the prompted teacher and the base (no bake needed)."""
@@ -196,15 +199,15 @@ class Evaluator:
             self.reference[key] = {
                 "responses": {"teacher": teacher, "base": base},
                 "passes": {c.name: {s: sum(c.passes(t) for t in texts[s]) for s in texts} for c in checks},
-                "reverse_kl_base": m.kl("base", "teacher", self.prompts, base).value,
-                "forward_kl_base": m.kl("teacher", "base", self.prompts, teacher).value,
+                "reverse_kl_base": m.kl("base", "teacher", self.prompts, base),
+                "forward_kl_base": m.kl("teacher", "base", self.prompts, teacher),
                 "texts": texts,
             }
         return self.reference[key]
 
     def baked(self, folder: Path, name: str, system: str, checks, max_new: int, temperature: float) -> dict:
         """The figures of one baked checkpoint, against the cached teacher and base figures."""
-        from promptbake.eval.report import gap_closed
+        from promptbake.eval.report import gap_closed, gap_closed_stderr
         from promptbake.eval.systems import resolve_baked
         from promptbake.models import load_model
 
@@ -214,8 +217,9 @@ class Evaluator:
         seed = self.args.eval_seed
         responses = m.sample("baked", self.prompts, seed)
         texts = m.text(responses)
-        reverse = m.kl("baked", "teacher", self.prompts, responses).value
-        forward = m.kl("teacher", "baked", self.prompts, ref["responses"]["teacher"]).value
+        reverse = m.kl("baked", "teacher", self.prompts, responses)
+        forward = m.kl("teacher", "baked", self.prompts, ref["responses"]["teacher"])
+        base_reverse, base_forward = ref["reverse_kl_base"], ref["forward_kl_base"]
         drift = None
         if self.ood:
             drift = m.kl("baked", "base", self.ood, m.sample("baked", self.ood, seed)).value
@@ -225,10 +229,15 @@ class Evaluator:
                                "base": ref["passes"][c.name]["base"] / n} for c in checks}
         del baked_lm, m
         return {
-            "reverse_kl": {"baked": reverse, "base": ref["reverse_kl_base"]},
-            "forward_kl": {"baked": forward, "base": ref["forward_kl_base"]},
-            "gap_closed": gap_closed(reverse, ref["reverse_kl_base"]),
-            "forward_gap_closed": gap_closed(forward, ref["forward_kl_base"]),
+            "reverse_kl": {"baked": reverse.value, "base": base_reverse.value},
+            "forward_kl": {"baked": forward.value, "base": base_forward.value},
+            "reverse_kl_stderr": {"baked": reverse.stderr, "base": base_reverse.stderr},
+            "forward_kl_stderr": {"baked": forward.stderr, "base": base_forward.stderr},
+            "gap_closed": gap_closed(reverse.value, base_reverse.value),
+            "forward_gap_closed": gap_closed(forward.value, base_forward.value),
+            # One evaluation's own uncertainty (prompts as the draws), beside the spread over seeds.
+            "gap_closed_stderr": gap_closed_stderr(reverse, base_reverse),
+            "forward_gap_closed_stderr": gap_closed_stderr(forward, base_forward),
             "checks": checks_out, "drift": drift, "eval_prompts": n, "ood_prompts": len(self.ood),
             "texts": texts,  # every answer, so the checks can be re-scored later without baking again
         }
@@ -287,7 +296,8 @@ def main(argv=None) -> int:
     import torch
 
     evaluator = Evaluator(model, args, console)
-    eval_info = {"prompts": len(evaluator.prompts), "ood": len(evaluator.ood), "seed": args.eval_seed}
+    eval_info = {"prompts": len(evaluator.prompts), "ood": len(evaluator.ood), "seed": args.eval_seed,
+                 "batch": args.eval_batch_size}
     data.update(model=model, device=evaluator.device.type, torch_threads=torch.get_num_threads())
     configs = [{**base_settings(args), **over} for over in args.sweep_grid]
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
@@ -298,7 +308,9 @@ def main(argv=None) -> int:
                 data["reference"][f"{name}@{settings['max_new_tokens']}"] = {
                     "checks": {c: {s: v / eval_info["prompts"] for s, v in rates.items()}
                                for c, rates in ref["passes"].items()},
-                    "reverse_kl_base": ref["reverse_kl_base"], "forward_kl_base": ref["forward_kl_base"],
+                    "reverse_kl_base": ref["reverse_kl_base"].value, "forward_kl_base": ref["forward_kl_base"].value,
+                    "reverse_kl_base_stderr": ref["reverse_kl_base"].stderr,
+                    "forward_kl_base_stderr": ref["forward_kl_base"].stderr,
                     "path": repo_relative(path), "texts": ref["texts"], "eval_prompts": [p[-1]["content"] for p in evaluator.prompts],
                     "eval": eval_info}
                 write(data, args.out)
@@ -390,14 +402,17 @@ def table_rows(data: dict) -> list[list[str]]:
             baked = [r["checks"][c]["baked"] for r in runs]
             checks.append(f"{c}: {mean_spread(baked)} (T {fmt_pct(rates['teacher'])}, B {fmt_pct(rates['base'])})")
         varied = ", ".join(f"{k}={v}" for k, v in s.items())
+        ses = [r["gap_closed_stderr"] for r in runs if r.get("gap_closed_stderr") is not None]
         rows.append([prompt, method, varied, str(len(runs)),
-                     mean_spread([r["gap_closed"] for r in runs]), mean_spread([r["forward_gap_closed"] for r in runs]),
+                     mean_spread([r["gap_closed"] for r in runs]),
+                     f"{100 * statistics.mean(ses):.0f}" if ses else "-",  # rows measured before it was kept: -
+                     mean_spread([r["forward_gap_closed"] for r in runs]),
                      "; ".join(checks) or "-", mean_spread([r["drift"] for r in runs], pct=False),
                      f"{statistics.mean(r['train_s'] for r in runs):.0f}"])
     return rows
 
 
-HEADER = ["prompt", "method", "settings", "seeds", "gap closed", "forward gap closed",
+HEADER = ["prompt", "method", "settings", "seeds", "gap closed", "eval s.e.", "forward gap closed",
           "checks baked (T teacher, B base)", "drift KL", "train s"]
 
 
@@ -428,7 +443,8 @@ def markdown(data: dict) -> str:
     return (f"# Method comparison\n\nModel: `{Path(data.get('model', '?')).name}` on {data.get('device', '?')} "
             f"({data.get('torch_threads', '?')} threads). Evaluation: {n.get('prompts', '?')} held-out prompts of "
             f"`eval`, {n.get('ood', '?')} `ood` prompts for drift, sampling seed {n.get('seed', '?')}, temperature 1. "
-            "Figures are mean ± half the range over the seeds.\n\n"
+            "Figures are mean ± half the range over the seeds; `eval s.e.` is one evaluation's own standard "
+            "error of the reverse gap closed, in points (prompts as the draws).\n\n"
             + md(HEADER, table_rows(data))
             + "\n\n## Can each check tell the prompted teacher from the base?\n\n"
             + md(["prompt", "check", "teacher", "base", "difference (points)", "≥ 25 points"], teacher_vs_base_rows(data))

@@ -32,6 +32,7 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
     for r in data["runs"]:
         assert r["prompt"] == "pirate" and r["settings"]["steps"] == 2
         assert r["reverse_kl"]["base"] > 0 and r["forward_kl"]["base"] > 0
+        assert r["gap_closed_stderr"] > 0 and r["reverse_kl_stderr"]["base"] > 0  # one evaluation's own error
         assert r["drift"] > -1e-6  # a KL; float rounding can put an almost-zero one just below 0
         assert set(r["checks"]) == {"says arr", "short"}
         assert all(0 <= v <= 1 for rates in r["checks"].values() for v in rates.values())
@@ -40,7 +41,7 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
     assert set(ref["checks"]) == {"says arr", "short"}
     md = (out / "results.md").read_text()
     assert "| pirate | opcd |" in md and "Can each check tell the prompted teacher from the base?" in md
-    assert "gap closed" in result.stdout and "offpolicy" in result.stdout
+    assert "gap closed" in result.stdout and "eval s.e." in result.stdout and "offpolicy" in result.stdout
 
     # A rerun with the same --out keeps the bakes it has and adds only the new seed; two seeds show a spread.
     again = compare(*[a if a != "0" else "0,1" for a in args[:-2]], "--methods", "sft", "--out", str(out))
@@ -76,13 +77,32 @@ def test_compare_methods_bad_input(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_two_runs_writing_one_results_folder_keep_each_others_bakes(tmp_path):
-    """Each run holds the results it read at its start; a write merges with the file instead of replacing it."""
+def load_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
-    compare_methods = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_methods)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluation_batches_rows_the_same_whatever_the_bakes_batch_size(tiny_dir):
+    """Batching changes the numerics, and at temperature 1 one changed token changes an answer: if the
+    evaluation sampled at each bake's --batch-size, bakes of different batch sizes would be measured
+    against different teacher and base samples."""
+    from rich.console import Console
+
+    compare_methods = load_script()
+    for bake_batch in (2, 6):
+        args = compare_methods.parse_args(["--model", str(tiny_dir), "--batch-size", str(bake_batch),
+                                           "--eval-prompts", "2", "--ood-prompts", "0"])
+        evaluator = compare_methods.Evaluator(str(tiny_dir), args, Console(quiet=True))
+        assert evaluator.compared(evaluator.base_lm, "Be brief.", 6, 1.0).batch_size == args.eval_batch_size == 8
+
+
+def test_two_runs_writing_one_results_folder_keep_each_others_bakes(tmp_path):
+    """Each run holds the results it read at its start; a write merges with the file instead of replacing it."""
+    compare_methods = load_script()
 
     def row(seed):
         return {"prompt": "pirate", "method": "opcd", "seed": seed, "settings": {"steps": 2, "max_new_tokens": 6},

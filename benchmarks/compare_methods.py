@@ -27,6 +27,7 @@ comparable within one run on one machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -41,11 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import ROOT, smollm2_path  # noqa: E402
 
+from promptbake.config import DistillConfig  # noqa: E402  (no torch: --help stays quick)
+
 METHODS = ("opcd", "offpolicy", "sft")
 # Example prompts SmolLM2-135M follows at all (docs/defaults.md): on two eval seeds at 64 new tokens the
 # prompted teacher passes the checks of pirate, french and spanish 25-62 points more often than the base,
 # concise's 19; json and expert it never follows, support's sign-off lies past 64 new tokens.
 KEPT = ("pirate", "concise", "french", "spanish")
+# The bake's own defaults, so a comparison run without flags measures what `promptbake distill` does.
+BAKE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
 SWEEPABLE = {"lr": float, "steps": int, "batch_size": int, "max_new_tokens": int, "lora_rank": int,
              "lora_alpha": float, "temperature": float, "top_p": float, "kl_topk": int, "lora_dropout": float,
              "lr_schedule": str, "samples_per_prompt": int}
@@ -61,12 +66,10 @@ def parse_args(argv=None):
                    help="Another system prompt file (its NAME.checks.toml beside it is used); repeatable.")
     p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated methods, or none.")
     p.add_argument("--seeds", default="0,1", help="Training seeds (comma-separated); the spread is over these.")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=None, help="Default: 2 x rank, as the bake's default.")
+    for name, kind in (("steps", int), ("batch_size", int), ("max_new_tokens", int), ("lr", float),
+                       ("lora_rank", int), ("lora_alpha", float)):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=BAKE_DEFAULTS[name],
+                       help=f"Default: the bake's, {BAKE_DEFAULTS[name]}.")
     p.add_argument("--train-prompts", default="default", help="Prompt set to train on (a --prompts source).")
     p.add_argument("--max-prompts", type=int, default=0, help="Train on at most this many prompts (0 = all).")
     p.add_argument("--eval-prompts", type=int, default=16, help="Held-out prompts per evaluation (from `eval`).")
@@ -267,7 +270,7 @@ def bake(model: str, prompt: Path, method: str, seed: int, settings: dict, args,
 
 def base_settings(args) -> dict:
     return {"steps": args.steps, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "lr": args.lr,
-            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha if args.lora_alpha else 2.0 * args.lora_rank}
+            "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
 
 
 def run_key(row: dict) -> str:

@@ -14,6 +14,11 @@ from typing import Callable
 import torch
 
 
+def row_sums(per_token: torch.Tensor, lengths: list[int]) -> list[float]:
+    """Each response's sum of a flattened (N,) per-token tensor, in float64: one device read, not one per row."""
+    return torch.stack([row.sum() for row in per_token.double().split(lengths)]).tolist()
+
+
 def token_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, topk: int = 0) -> torch.Tensor:
     """KL(student || teacher) at each position.
 

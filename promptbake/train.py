@@ -107,6 +107,8 @@ def heldout_kl(run: Run, heldout: list[Messages], cfg: DistillConfig, console: C
     """
     import torch
 
+    from .losses import row_sums
+
     prompts = spread(heldout, cfg.heldout_prompts) if cfg.heldout_prompts else heldout
     batch = 2 * cfg.batch_size
     gen = torch.Generator(run.device).manual_seed(step_seed(cfg.seed, 0) + 17)
@@ -115,10 +117,9 @@ def heldout_kl(run: Run, heldout: list[Messages], cfg: DistillConfig, console: C
     with console.status(f"held-out KL {when} training ({len(prompts)} prompts)"):
         for i in range(0, len(prompts), batch):
             ro = run.pair.rollout(prompts[i : i + batch], gen)
-            kl = run.pair.reverse_kl(ro).double()  # (N,), rows in rollout order
-            for row in kl.split([len(r) for r in ro.responses]):
-                sums.append(row.sum().item())
-                counts.append(row.numel())
+            lengths = [len(r) for r in ro.responses]
+            sums += row_sums(run.pair.reverse_kl(ro), lengths)  # (N,) in rollout order
+            counts += lengths
     value, stderr = per_token_mean(sums, counts)
     result = HeldoutKL(value, stderr, len(counts), sum(counts), time.perf_counter() - t0)
     console.print(f"held-out reverse KL per token {when} training: {value:.4f} ± {stderr:.4f} "

@@ -212,8 +212,8 @@ def print_report(report: EvalReport, console: Console, samples: int = SHOWN_SAMP
                 _pct_se(report.gap_closed, report.gap_closed_stderr),
                 f"own samples: {r['baked'].prompts} prompts, {r['baked'].tokens} + {r['base'].tokens} tokens")
     fid.add_row("KL(teacher ‖ x)", f"{f['baked'].value:.4f}", f"{f['base'].value:.4f}",
-                _pct_se(report.forward_gap_closed, report.forward_gap_closed_stderr), f"teacher samples: {f['baked'].prompts} prompts, "
-                f"{f['baked'].tokens} tokens")
+                _pct_se(report.forward_gap_closed, report.forward_gap_closed_stderr),
+                f"teacher samples: {f['baked'].prompts} prompts, {f['baked'].tokens} tokens")
     console.print(fid)
     console.print("gap closed: ± one standard error, prompts as the draws: more prompts narrow it", style="dim")
     if report.checks:

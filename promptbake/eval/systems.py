@@ -58,7 +58,7 @@ class ComparedModels:
         """Mean per-token KL(p || q) on `responses` (which should be samples from p)."""
         import torch
 
-        from ..losses import chunked_kl
+        from ..losses import chunked_kl, row_sums
         from ..scoring import logits_fn, response_hidden
 
         (p_lm, p_ids), (q_lm, q_ids) = self._view(p, prompts), self._view(q, prompts)
@@ -70,10 +70,9 @@ class ComparedModels:
             with torch.no_grad():
                 hp = response_hidden(p_lm, p_ids[i : i + B], rows, pad)  # (N, H), rows in order
                 hq = response_hidden(q_lm, q_ids[i : i + B], rows, pad)  # (N, H)
-            kl = chunked_kl(hp, hq, p_head, q_head, chunk_size=self.chunk_size).double()  # (N,)
-            for row in kl.split([len(r) for r in rows]):
-                sums.append(row.sum().item())
-                counts.append(row.numel())
+            lengths = [len(r) for r in rows]
+            sums += row_sums(chunked_kl(hp, hq, p_head, q_head, chunk_size=self.chunk_size), lengths)  # (N,)
+            counts += lengths
         return KL.from_sums(sums, counts)
 
     def text(self, responses: list[list[int]]) -> list[str]:

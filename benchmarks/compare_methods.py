@@ -89,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true", help="Show each bake's own output.")
     p.add_argument("--rescore", action="store_true",
                    help="Bake nothing: re-apply the prompts' current checks files to the answers kept in --out.")
+    p.add_argument("--by-check", action="store_true",
+                   help="Bake nothing: split each kept bake's KLs by whether its answers pass each check (where a "
+                        "bake's KL lies: in the answers that took up the behaviour, or in the others).")
     args = p.parse_args(argv)
     try:
         args.sweep_grid = parse_sweep(args.sweep)
@@ -244,7 +247,16 @@ class Evaluator:
             "forward_gap_closed_stderr": gap_closed_stderr(forward, base_forward),
             "checks": checks_out, "drift": drift, "eval_prompts": n, "ood_prompts": len(self.ood),
             "texts": texts,  # every answer, so the checks can be re-scored later without baking again
+            # Each prompt's summed KL and tokens, in prompt order: the KLs can be split by answer
+            # (--by-check) or two bakes compared prompt by prompt.
+            "per_prompt": {"reverse": {"baked": pairs(reverse), "base": pairs(base_reverse)},
+                           "forward": {"baked": pairs(forward), "base": pairs(base_forward)}},
         }
+
+
+def pairs(kl) -> list[list]:
+    """[[summed KL, tokens], ...] per prompt."""
+    return [[round(s, 6), c] for s, c in zip(kl.sums, kl.counts)]
 
 
 # ---------------------------------------------------------------- bakes
@@ -288,6 +300,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.rescore:
         return rescore(args.out)
+    if args.by_check:
+        return by_check(args.out)
     console = Console(stderr=True)
     quiet = console if args.verbose else Console(stderr=True, quiet=True)
     model = args.model or smollm2_path()
@@ -368,6 +382,51 @@ def rescore(out: Path) -> int:
     return 0
 
 
+def by_check(out: Path) -> int:
+    """Print each bake's reverse KL (on its own answers) and forward KL (on the teacher's) split by whether the
+    answer passes each check, with the base's for reference. Bakes kept before the per-prompt sums were
+    recorded are skipped."""
+    from promptbake.checks import find_checks
+
+    results_file = out / "results.json"
+    if not results_file.is_file():
+        sys.exit(f"error: --by-check: {results_file} doesn't exist; run the comparison with this --out first")
+    data = json.loads(results_file.read_text())
+    rows = []
+    for r in data["runs"]:
+        ref = data["reference"].get(f"{r['prompt']}@{r['settings']['max_new_tokens']}")
+        if "per_prompt" not in r or not ref or not (ROOT / ref["path"]).is_file():
+            continue
+        texts = {"baked": r["texts"], **ref["texts"]}
+        per = r["per_prompt"]
+        # (KL direction, system whose KL it is, system whose answers it is measured on)
+        splits = [("reverse", "baked", "baked"), ("reverse", "base", "base"),
+                  ("forward", "baked", "teacher"), ("forward", "base", "teacher")]
+        for c in find_checks(None, ROOT / ref["path"]):
+            cells = []
+            for kind, system, answers in splits:
+                passed = [c.passes(t) for t in texts[answers]]
+                cells.append(split_mean(per[kind][system], passed))
+            rows.append([r["prompt"], settings_text(r), str(r["seed"]), c.name, *cells])
+    if not rows:
+        print(f"no bake in {results_file} has per-prompt KLs (kept since the sixth pass of docs/defaults.md)")
+        return 0
+    head = ["prompt", "settings", "seed", "check",
+            "KL(baked ‖ teacher), baked answers: pass / fail", "KL(base ‖ teacher), base answers: pass / fail",
+            "KL(teacher ‖ baked), teacher answers: pass / fail", "KL(teacher ‖ base), teacher answers: pass / fail"]
+    print(text_table(head, rows))
+    return 0
+
+
+def split_mean(pairs: list[list], passed: list[bool]) -> str:
+    """'0.0123 (n 20) / 0.0456 (n 44)': per-token KL over the answers that pass, and over those that fail."""
+    def mean(keep):
+        sums = [s for (s, _), k in zip(pairs, passed) if k == keep]
+        tokens = sum(c for (_, c), k in zip(pairs, passed) if k == keep)
+        return f"{sum(sums) / tokens:.4f} (n {len(sums)})" if tokens else f"- (n {len(sums)})"
+    return f"{mean(True)} / {mean(False)}"
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -405,7 +464,7 @@ def table_rows(data: dict) -> list[list[str]]:
         for c, rates in ref.get("checks", {}).items():
             baked = [r["checks"][c]["baked"] for r in runs]
             checks.append(f"{c}: {mean_spread(baked)} (T {fmt_pct(rates['teacher'])}, B {fmt_pct(rates['base'])})")
-        varied = ", ".join(f"{k}={v}" for k, v in s.items())
+        varied = settings_text(runs[0])
         ses = [r["gap_closed_stderr"] for r in runs if r.get("gap_closed_stderr") is not None]
         rows.append([prompt, method, varied, str(len(runs)),
                      mean_spread([r["gap_closed"] for r in runs]),
@@ -421,11 +480,19 @@ HEADER = ["prompt", "method", "settings", "seeds", "gap closed", "eval s.e.", "f
 
 
 def table_text(data: dict) -> str:
-    rows = [HEADER] + table_rows(data)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    return text_table(HEADER, table_rows(data))
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    rows = [header] + rows
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def settings_text(row: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in row["settings"].items())
 
 
 def teacher_vs_base_rows(data: dict) -> list[list[str]]:

@@ -1,10 +1,12 @@
 """Smoke test: the method comparison runs one tiny configuration end to end (no timing assertions)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tiny
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "compare_methods.py"
@@ -37,6 +39,12 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
         assert set(r["checks"]) == {"says arr", "short"}
         assert all(0 <= v <= 1 for rates in r["checks"].values() for v in rates.values())
         assert r["train_s"] >= 0 and r["eval_prompts"] == 3  # seconds, rounded: a 2-step tiny bake can round to 0.0
+        for kind in ("reverse", "forward"):  # each prompt's KL sum and tokens add up to the mean reported
+            for system in ("baked", "base"):
+                per = r["per_prompt"][kind][system]
+                assert len(per) == 3
+                assert sum(s for s, _ in per) / sum(c for _, c in per) == pytest.approx(
+                    r[f"{kind}_kl"][system], rel=1e-4, abs=1e-6)
     ref = data["reference"]["pirate@6"]
     assert set(ref["checks"]) == {"says arr", "short"}
     md = (out / "results.md").read_text()
@@ -50,6 +58,15 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
     assert len(runs) == 4 and sorted(r["seed"] for r in runs if r["method"] == "sft") == [0, 1]
     sft_row = next(line for line in again.stdout.splitlines() if line.startswith("pirate") and " sft " in line)
     assert " 2 " in sft_row and "±" in sft_row  # two seeds, with their spread
+
+    # --by-check splits each bake's KLs by whether its answers pass each check: every answer lands on one side.
+    split = compare("--by-check", "--out", str(out))
+    assert split.returncode == 0, split.stderr[-3000:]
+    lines = [line for line in split.stdout.splitlines() if line.startswith("pirate")]
+    assert len(lines) == 4 * 2  # four bakes, two checks
+    for line in lines:
+        counts = [int(n) for n in re.findall(r"\(n (\d+)\)", line)]
+        assert len(counts) == 8 and all(a + b == 3 for a, b in zip(counts[::2], counts[1::2]))
 
     # --rescore re-applies an edited checks file to the kept answers, baking nothing.
     (tmp_path / "pirate.checks.toml").write_text('[[check]]\nname = "any text"\nregex = "."\n', encoding="utf-8")
@@ -75,6 +92,13 @@ def test_compare_methods_bad_input(tmp_path):
     assert result.returncode == 2
     assert "--lr-schedule must be one of constant, cosine (got 'linear')." in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_split_mean_is_the_per_token_mean_of_each_side():
+    split_mean = load_script().split_mean
+    pairs = [[1.0, 10], [3.0, 10], [4.0, 20]]
+    assert split_mean(pairs, [True, False, True]) == "0.1667 (n 2) / 0.3000 (n 1)"
+    assert split_mean(pairs, [False, False, False]) == "- (n 0) / 0.2000 (n 3)"
 
 
 def load_script():

@@ -24,12 +24,16 @@ class KL:
     prompts: int
     tokens: int
     stderr: float = 0.0
+    # Each prompt's summed KL and response tokens, in prompt order (kept in memory, not in to_json):
+    # lets a caller split the mean by answer, or compare two models prompt by prompt.
+    sums: list[float] = field(default_factory=list, repr=False)
+    counts: list[int] = field(default_factory=list, repr=False)
 
     @classmethod
     def from_sums(cls, sums: list[float], counts: list[int]) -> KL:
         """From each prompt's summed KL and its response tokens."""
         value, stderr = per_token_mean(sums, counts)
-        return cls(value, len(counts), sum(counts), stderr)
+        return cls(value, len(counts), sum(counts), stderr, list(sums), list(counts))
 
     def to_json(self) -> dict:
         return {"value": round(self.value, 6), "stderr": round(self.stderr, 6), "prompts": self.prompts,

@@ -286,6 +286,11 @@ def base_settings(args) -> dict:
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
 
 
+def reference_key(prompt: str, settings: dict) -> str:
+    """The teacher and base figures a bake is measured against: one set per prompt and answer length."""
+    return f"{prompt}@{settings['max_new_tokens']}"
+
+
 def run_key(row: dict) -> str:
     return json.dumps([row["prompt"], row["method"], row["seed"], row["settings"], row["eval"]["prompts"]],
                       sort_keys=True)
@@ -323,7 +328,7 @@ def main(argv=None) -> int:
             system, checks = read_system_prompt(path), find_checks(None, path)
             for settings in configs or [base_settings(args)]:
                 ref = evaluator.teacher_and_base(name, system, checks, settings["max_new_tokens"], 1.0)
-                data["reference"][f"{name}@{settings['max_new_tokens']}"] = {
+                data["reference"][reference_key(name, settings)] = {
                     "checks": {c: {s: v / eval_info["prompts"] for s, v in rates.items()}
                                for c, rates in ref["passes"].items()},
                     "reverse_kl_base": ref["reverse_kl_base"].value, "forward_kl_base": ref["forward_kl_base"].value,
@@ -374,7 +379,7 @@ def rescore(out: Path) -> int:
         ref["checks"] = {c.name: {s: sum(c.passes(t) for t in ref["texts"][s]) / n for s in ("teacher", "base")}
                          for c in checks}
         for r in data["runs"]:
-            if r["prompt"] == name and f"{name}@{r['settings']['max_new_tokens']}" == key:
+            if r["prompt"] == name and reference_key(name, r["settings"]) == key:
                 r["checks"] = {c.name: {"baked": sum(c.passes(t) for t in r["texts"]) / n, **ref["checks"][c.name]}
                                for c in checks}
     write(data, out)
@@ -394,7 +399,7 @@ def by_check(out: Path) -> int:
     data = json.loads(results_file.read_text())
     rows = []
     for r in data["runs"]:
-        ref = data["reference"].get(f"{r['prompt']}@{r['settings']['max_new_tokens']}")
+        ref = data["reference"].get(reference_key(r["prompt"], r["settings"]))
         if "per_prompt" not in r or not ref or not (ROOT / ref["path"]).is_file():
             continue
         texts = {"baked": r["texts"], **ref["texts"]}
@@ -403,10 +408,8 @@ def by_check(out: Path) -> int:
         splits = [("reverse", "baked", "baked"), ("reverse", "base", "base"),
                   ("forward", "baked", "teacher"), ("forward", "base", "teacher")]
         for c in find_checks(None, ROOT / ref["path"]):
-            cells = []
-            for kind, system, answers in splits:
-                passed = [c.passes(t) for t in texts[answers]]
-                cells.append(split_mean(per[kind][system], passed))
+            passed = {system: [c.passes(t) for t in answers] for system, answers in texts.items()}
+            cells = [split_mean(per[kind][system], passed[answers]) for kind, system, answers in splits]
             rows.append([r["prompt"], settings_text(r), str(r["seed"]), c.name, *cells])
     if not rows:
         print(f"no bake in {results_file} has per-prompt KLs (kept since the sixth pass of docs/defaults.md)")
@@ -459,7 +462,7 @@ def table_rows(data: dict) -> list[list[str]]:
     rows = []
     for (prompt, method, settings), runs in groups(data).items():
         s = json.loads(settings)
-        ref = data["reference"].get(f"{prompt}@{s['max_new_tokens']}", {})
+        ref = data["reference"].get(reference_key(prompt, s), {})
         checks = []
         for c, rates in ref.get("checks", {}).items():
             baked = [r["checks"][c]["baked"] for r in runs]

@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-prompts", type=int, default=16, help="Held-out prompts per evaluation (from `eval`).")
     p.add_argument("--ood-prompts", type=int, default=16, help="Drift prompts per evaluation (from `ood`); 0 = none.")
     p.add_argument("--eval-seed", type=int, default=0, help="Sampling seed of every evaluation.")
+    p.add_argument("--eval-max-new-tokens", type=int, default=0,
+                   help="Answer length of every evaluation (0 = each bake's own --max-new-tokens): fix it to compare "
+                        "bakes trained on different answer lengths on the same answers.")
     p.add_argument("--eval-batch-size", type=int, default=8,
                    help="Rows sampled and scored at a time in every evaluation, whatever the bakes' --batch-size: "
                         "batching changes the numerics, and at temperature 1 a changed token changes the answer.")
@@ -96,6 +99,8 @@ def parse_args(argv=None):
     try:
         args.sweep_grid = parse_sweep(args.sweep)
         check_settings(args)
+        if args.eval_max_new_tokens < 0:
+            raise ValueError(f"--eval-max-new-tokens must be 0 (each bake's own) or positive (got {args.eval_max_new_tokens})")
         args.method_list = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
         bad = [m for m in args.method_list if m not in METHODS]
         if bad:
@@ -286,14 +291,21 @@ def base_settings(args) -> dict:
             "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
 
 
-def reference_key(prompt: str, settings: dict) -> str:
+def eval_tokens(settings: dict, eval_info: dict) -> int:
+    """Answer length of an evaluation: --eval-max-new-tokens where it was given, else the bake's own."""
+    return eval_info.get("max_new_tokens") or settings["max_new_tokens"]
+
+
+def reference_key(prompt: str, settings: dict, eval_info: dict) -> str:
     """The teacher and base figures a bake is measured against: one set per prompt and answer length."""
-    return f"{prompt}@{settings['max_new_tokens']}"
+    return f"{prompt}@{eval_tokens(settings, eval_info)}"
 
 
 def run_key(row: dict) -> str:
-    return json.dumps([row["prompt"], row["method"], row["seed"], row["settings"], row["eval"]["prompts"]],
-                      sort_keys=True)
+    key = [row["prompt"], row["method"], row["seed"], row["settings"], row["eval"]["prompts"]]
+    if "max_new_tokens" in row["eval"]:  # kept only where fixed, so the keys of earlier rows stay as they were
+        key.append(row["eval"]["max_new_tokens"])
+    return json.dumps(key, sort_keys=True)
 
 
 def main(argv=None) -> int:
@@ -321,29 +333,37 @@ def main(argv=None) -> int:
     evaluator = Evaluator(model, args, console)
     eval_info = {"prompts": len(evaluator.prompts), "ood": len(evaluator.ood), "seed": args.eval_seed,
                  "batch": args.eval_batch_size}
+    if args.eval_max_new_tokens:
+        eval_info["max_new_tokens"] = args.eval_max_new_tokens
     data.update(model=model, device=evaluator.device.type, torch_threads=torch.get_num_threads())
+    machine = machine_info()
     configs = [{**base_settings(args), **over} for over in args.sweep_grid]
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         for name, path in prompts:
             system, checks = read_system_prompt(path), find_checks(None, path)
             for settings in configs or [base_settings(args)]:
-                ref = evaluator.teacher_and_base(name, system, checks, settings["max_new_tokens"], 1.0)
-                data["reference"][reference_key(name, settings)] = {
+                length = eval_tokens(settings, eval_info)
+                ref = evaluator.teacher_and_base(name, system, checks, length, 1.0)
+                key = reference_key(name, settings, eval_info)
+                if key in data["reference"]:
+                    same_reference(key, data["reference"][key], ref["texts"], eval_info, results_file)
+                data["reference"][key] = {
                     "checks": {c: {s: v / eval_info["prompts"] for s, v in rates.items()}
                                for c, rates in ref["passes"].items()},
                     "reverse_kl_base": ref["reverse_kl_base"].value, "forward_kl_base": ref["forward_kl_base"].value,
                     "reverse_kl_base_stderr": ref["reverse_kl_base"].stderr,
                     "forward_kl_base_stderr": ref["forward_kl_base"].stderr,
                     "path": repo_relative(path), "texts": ref["texts"], "eval_prompts": [p[-1]["content"] for p in evaluator.prompts],
-                    "eval": eval_info}
+                    "eval": eval_info, "machine": machine}
                 write(data, args.out)
                 for method, seed in itertools.product(args.method_list, args.seed_list):
-                    row = {"prompt": name, "method": method, "seed": seed, "settings": settings, "eval": eval_info}
+                    row = {"prompt": name, "method": method, "seed": seed, "settings": settings, "eval": eval_info,
+                           "machine": machine}
                     if run_key(row) in done:
                         continue
                     console.print(f"bake {name} {method} seed {seed} {settings}", highlight=False)
                     folder, timing = bake(model, path, method, seed, settings, args, Path(tmp), quiet)
-                    row.update(timing, **evaluator.baked(folder, name, system, checks, settings["max_new_tokens"], 1.0))
+                    row.update(timing, **evaluator.baked(folder, name, system, checks, length, 1.0))
                     console.print(f"  gap closed {fmt_pct(row['gap_closed'])}, forward {fmt_pct(row['forward_gap_closed'])}"
                                   f", train {row['train_s']:.0f} s", highlight=False)
                     data["runs"].append(row)
@@ -351,6 +371,43 @@ def main(argv=None) -> int:
                     write(data, args.out)
     print(table_text(data))  # the result on stdout; progress went to stderr
     return 0
+
+
+def same_reference(key: str, kept: dict, texts: dict, eval_info: dict, results_file: Path) -> None:
+    """Exit with an error unless the teacher and base answers sampled now are the ones the bakes kept in
+    results_file were measured against: the same eval prompts and seed, and the same numerics. Another
+    CPU (another kernel, bf16 or not) or torch build samples other answers at temperature 1."""
+    was = kept.get("eval", {})
+    if (was.get("prompts"), was.get("seed")) != (eval_info["prompts"], eval_info["seed"]):
+        sys.exit(f"error: {key}: {results_file} was measured on {was.get('prompts')} eval prompts with eval seed "
+                 f"{was.get('seed')}, not {eval_info['prompts']} with seed {eval_info['seed']}; use another --out")
+    differ = {s: sum(a != b for a, b in zip(kept["texts"][s], texts[s])) for s in ("teacher", "base")}
+    if any(differ.values()):
+        n = len(texts["teacher"])
+        sys.exit(f"error: {key}: the teacher's and the base's answers sampled here differ from the ones kept in "
+                 f"{results_file} ({differ['teacher']} of {n} teacher answers, {differ['base']} of {n} base): its "
+                 f"bakes were measured against those, so new ones would not compare. Another machine or torch build "
+                 f"samples differently; use another --out.")
+
+
+def machine_info() -> dict:
+    """What the figures were measured on: sampling and training numerics follow the CPU's kernels."""
+    import platform
+
+    import torch
+
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's fields
+            name, _, value = line.partition(":")
+            info.setdefault(name.strip(), value.strip())
+    except OSError:  # not Linux
+        pass
+    flags = set(info.get("flags", "").split())
+    cpu = " ".join(x for x in (info.get("model name") or platform.processor() or platform.machine(),
+                               info.get("cpu family") and f"family {info['cpu family']} model {info.get('model')}") if x)
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return {"cpu": cpu, "isa": isa, "cores": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def repo_relative(path: Path) -> str:
@@ -379,7 +436,7 @@ def rescore(out: Path) -> int:
         ref["checks"] = {c.name: {s: sum(c.passes(t) for t in ref["texts"][s]) / n for s in ("teacher", "base")}
                          for c in checks}
         for r in data["runs"]:
-            if r["prompt"] == name and reference_key(name, r["settings"]) == key:
+            if r["prompt"] == name and reference_key(name, r["settings"], r["eval"]) == key:
                 r["checks"] = {c.name: {"baked": sum(c.passes(t) for t in r["texts"]) / n, **ref["checks"][c.name]}
                                for c in checks}
     write(data, out)
@@ -399,7 +456,7 @@ def by_check(out: Path) -> int:
     data = json.loads(results_file.read_text())
     rows = []
     for r in data["runs"]:
-        ref = data["reference"].get(reference_key(r["prompt"], r["settings"]))
+        ref = data["reference"].get(reference_key(r["prompt"], r["settings"], r["eval"]))
         if "per_prompt" not in r or not ref or not (ROOT / ref["path"]).is_file():
             continue
         texts = {"baked": r["texts"], **ref["texts"]}
@@ -451,18 +508,18 @@ def mean_spread(values: list[float], pct: bool = True) -> str:
 
 
 def groups(data: dict) -> dict:
-    """(prompt, method, settings) -> the runs over seeds."""
+    """(prompt, method, settings, answer length evaluated) -> the runs over seeds."""
     out: dict = {}
     for r in data["runs"]:
-        out.setdefault((r["prompt"], r["method"], json.dumps(r["settings"], sort_keys=True)), []).append(r)
+        key = (r["prompt"], r["method"], json.dumps(r["settings"], sort_keys=True), eval_tokens(r["settings"], r["eval"]))
+        out.setdefault(key, []).append(r)
     return out
 
 
 def table_rows(data: dict) -> list[list[str]]:
     rows = []
-    for (prompt, method, settings), runs in groups(data).items():
-        s = json.loads(settings)
-        ref = data["reference"].get(reference_key(prompt, s), {})
+    for (prompt, method, settings, _), runs in groups(data).items():
+        ref = data["reference"].get(reference_key(prompt, json.loads(settings), runs[0]["eval"]), {})
         checks = []
         for c, rates in ref.get("checks", {}).items():
             baked = [r["checks"][c]["baked"] for r in runs]
@@ -495,7 +552,9 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def settings_text(row: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in row["settings"].items())
+    text = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
+    length = eval_tokens(row["settings"], row["eval"])
+    return text if length == row["settings"]["max_new_tokens"] else f"{text} (evaluated on {length} tokens)"
 
 
 def teacher_vs_base_rows(data: dict) -> list[list[str]]:

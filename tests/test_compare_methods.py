@@ -59,11 +59,22 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
     sft_row = next(line for line in again.stdout.splitlines() if line.startswith("pirate") and " sft " in line)
     assert " 2 " in sft_row and "±" in sft_row  # two seeds, with their spread
 
+    # --eval-max-new-tokens judges a bake trained on shorter answers on the same 6-token answers as the others.
+    short = compare(*args[:-2], "--methods", "opcd", "--max-new-tokens", "3", "--eval-max-new-tokens", "6",
+                    "--out", str(out))
+    assert short.returncode == 0, short.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    row = next(r for r in data["runs"] if r["settings"]["max_new_tokens"] == 3)
+    assert row["eval"]["max_new_tokens"] == 6 and set(data["reference"]) == {"pirate@6"}  # the same teacher and base
+    counts = [c for _, c in row["per_prompt"]["reverse"]["baked"]]
+    assert max(counts) > 3 and max(counts) <= 6  # its own answers were sampled to 6 tokens, not to its 3
+    assert "max_new_tokens=3, lr=0.0005, lora_rank=16, lora_alpha=32.0 (evaluated on 6 tokens)" in short.stdout
+
     # --by-check splits each bake's KLs by whether its answers pass each check: every answer lands on one side.
     split = compare("--by-check", "--out", str(out))
     assert split.returncode == 0, split.stderr[-3000:]
     lines = [line for line in split.stdout.splitlines() if line.startswith("pirate")]
-    assert len(lines) == 4 * 2  # four bakes, two checks
+    assert len(lines) == 5 * 2  # five bakes, two checks
     for line in lines:
         counts = [int(n) for n in re.findall(r"\(n (\d+)\)", line)]
         assert len(counts) == 8 and all(a + b == 3 for a, b in zip(counts[::2], counts[1::2]))
@@ -91,6 +102,9 @@ def test_compare_methods_bad_input(tmp_path):
     result = compare("--sweep", "lr_schedule=cosine,linear", "--out", str(tmp_path / "r"), timeout=120)
     assert result.returncode == 2
     assert "--lr-schedule must be one of constant, cosine (got 'linear')." in result.stderr
+    result = compare("--eval-max-new-tokens", "-1", "--out", str(tmp_path / "r"), timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: --eval-max-new-tokens must be 0 (each bake's own) or positive (got -1)")
     assert not (tmp_path / "r").exists()
 
 
@@ -144,3 +158,37 @@ def test_two_runs_writing_one_results_folder_keep_each_others_bakes(tmp_path):
     assert set(data["reference"]) == {"pirate@6", "french@6"}
     compare_methods.write(second, tmp_path)  # writing again adds nothing twice
     assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 2
+
+
+def test_a_results_folder_measured_against_other_answers_is_refused(tiny_dir, tmp_path):
+    """Bakes kept in a folder were measured against its teacher and base answers; where this machine samples
+    others (another CPU kernel or torch build), or the eval prompts or seed differ, new bakes would not
+    compare, so the run stops before it bakes anything and leaves the folder as it was."""
+    system = tmp_path / "pirate.txt"
+    system.write_text("Talk like a pirate and say arr.", encoding="utf-8")
+    (tmp_path / "pirate.checks.toml").write_text(CHECKS, encoding="utf-8")
+    out = tmp_path / "results"
+    args = ["--model", str(tiny_dir), "--examples", "none", "--prompt", str(system), "--max-new-tokens", "6",
+            "--eval-prompts", "3", "--ood-prompts", "0", "--methods", "none", "--out", str(out)]
+    first = compare(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["reference"]["pirate@6"]["machine"]["cores"] >= 1
+    assert compare(*args).returncode == 0  # the same machine samples the same answers
+
+    data["reference"]["pirate@6"]["texts"]["teacher"][1] += " (sampled elsewhere)"
+    (out / "results.json").write_text(json.dumps(data))
+    kept = (out / "results.json").read_bytes()
+    result = compare(*args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: pirate@6: the teacher's and the base's answers sampled here differ from the ones kept in "
+        f"{out / 'results.json'} (1 of 3 teacher answers, 0 of 3 base): its bakes were measured against those, so "
+        "new ones would not compare. Another machine or torch build samples differently; use another --out.")
+    assert (out / "results.json").read_bytes() == kept
+
+    result = compare(*[a if a != "3" else "4" for a in args])  # four eval prompts where three were kept
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"error: pirate@6: {out / 'results.json'} was measured on 3 eval prompts with eval seed 0, not 4 with "
+        "seed 0; use another --out")
+    assert (out / "results.json").read_bytes() == kept

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from promptbake.cli import app
 from promptbake.data import load_prompts
+from promptbake.sampling import rollout_dtype
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200"}  # so rich doesn't cut table rows in these assertions
@@ -117,7 +119,9 @@ def test_distill_reports_what_was_dropped(bake_args, tmp_path):
     assert result.exit_code == 0, result.output
     assert (f"prompts: 8 prompts from {source} (11 read; dropped: 1 empty, 1 duplicated, "
             "1 too long for the context)") in result.stderr
-    assert "rollouts: LeanDecoder, float32" in result.stderr  # which sampler runs (or why the fast one can't) is said
+    # Which sampler runs (or why the fast one can't) is said; bf16 on CPUs that run it natively, else fp32.
+    sampled_in = str(rollout_dtype(torch.float32, torch.device("cpu"))).removeprefix("torch.")
+    assert f"rollouts: LeanDecoder, {sampled_in}" in result.stderr
     record = json.loads((tmp_path / "out" / "promptbake.json").read_text())
     assert record["prompts"] == {"source": str(source), "read": 11,
                                  "dropped": {"empty": 1, "duplicate": 1, "too_long": 1},

@@ -46,9 +46,9 @@ from promptbake.config import DistillConfig  # noqa: E402  (no torch: --help sta
 
 METHODS = ("opcd", "offpolicy", "sft")
 # Example prompts SmolLM2-135M follows at all (docs/defaults.md): on 64 eval prompts at 64 new tokens the
-# prompted teacher passes the checks of pirate, french and spanish 19-59 points more often than the base,
-# concise's only 6 (its KL still moves); json and expert it never follows, support's sign-off lies past
-# 64 new tokens.
+# prompted teacher passes the checks of pirate, concise (the one-sentence wording of the seventh pass),
+# french and spanish 19-59 points more often than the base; json and expert it never follows, support's
+# sign-off lies past 64 new tokens.
 KEPT = ("pirate", "concise", "french", "spanish")
 # The bake's own defaults, so a comparison run without flags measures what `promptbake distill` does.
 BAKE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)}

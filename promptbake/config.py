@@ -179,8 +179,9 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
 
     # Loss and speed.
     kl_topk: int = _opt(
-        0, "0: exact KL over the full vocabulary. K>0: sum over the sampling model's top-K tokens (the student's for "
-        "opcd and the held-out KL, the teacher's for offpolicy)."
+        0, "0: exact KL over the full vocabulary. K>0: KL over the sampling model's top-K tokens (the student's for "
+        "opcd and the held-out KL, the teacher's for offpolicy) plus one bucket for all the others: a lower bound "
+        "of the exact KL."
     )
     rollout: str = _opt(
         "fast",

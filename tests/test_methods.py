@@ -81,6 +81,8 @@ def test_forward_kl_topk_sums_over_the_teachers_top_tokens():
     t = torch.tensor([[0.0, 1.0, 2.0, 0.5, 0.0]])
     p_s, p_t = s.softmax(-1)[0], t.softmax(-1)[0]
     hand = sum(p_t[i] * (p_t[i].log() - p_s[i].log()) for i in (2, 1))  # the teacher's top-2: tokens 2 and 1
+    rest_t, rest_s = p_t[[0, 3, 4]].sum(), p_s[[0, 3, 4]].sum()  # and the others as one bucket
+    hand = hand + rest_t * (rest_t.log() - rest_s.log())
     assert token_forward_kl(s, t, topk=2).item() == pytest.approx(hand.item(), abs=1e-6)
     assert token_forward_kl(s, t, topk=5).item() == pytest.approx(token_forward_kl(s, t).item(), abs=1e-6)
 

@@ -63,6 +63,12 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
                 holder = _read(fd)
+                # The holder writes its record just after it takes the lock: a loser that comes in
+                # between reads an empty file, so it waits a moment for the name before it says "another process".
+                deadline = time.monotonic() + 1.0
+                while not holder and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    holder = _read(fd)
                 os.close(fd)
                 if err.errno in (errno.EWOULDBLOCK, errno.EACCES):
                     raise OutputLockedError(f"--out {out} is being baked by {_who(holder)} (lock {path}); wait "

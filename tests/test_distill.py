@@ -121,7 +121,7 @@ def test_heldout_measurement_is_capped_and_reports_its_precision(tiny_dir, sys_p
     assert r.exit_code == 0, r.output
     held = json.loads((out / "promptbake.json").read_text())["results"]["heldout"]
     assert held["prompts"] == 3  # of the 8 held out
-    assert held["stderr_before"] > 0 and held["seconds"] > 0
+    assert held["stderr_before"] > 0 and held["seconds"] >= 0  # seconds, rounded: a tiny measurement can round to 0.0
     assert "(3 prompts, " in r.stderr
 
 

@@ -404,8 +404,8 @@ def machine_info() -> dict:
     except OSError:  # not Linux
         pass
     flags = set(info.get("flags", "").split())
-    cpu = " ".join(x for x in (info.get("model name") or platform.processor() or platform.machine(),
-                               info.get("cpu family") and f"family {info['cpu family']} model {info.get('model')}") if x)
+    family = f" family {info['cpu family']} model {info.get('model')}" if "cpu family" in info else ""
+    cpu = (info.get("model name") or platform.processor() or platform.machine()) + family
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return {"cpu": cpu, "isa": isa, "cores": torch.get_num_threads(), "torch": torch.__version__}
 

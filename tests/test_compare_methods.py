@@ -192,3 +192,26 @@ def test_a_results_folder_measured_against_other_answers_is_refused(tiny_dir, tm
         f"error: pirate@6: {out / 'results.json'} was measured on 3 eval prompts with eval seed 0, not 4 with "
         "seed 0; use another --out")
     assert (out / "results.json").read_bytes() == kept
+
+
+def test_paired_gap_reproduces_the_kept_figures():
+    """benchmarks/paired_gap.py on two kept french bakes (same eval prompts): each bake's gap closed is
+    the one compare_methods recorded, a bake against itself differs by exactly 0, and bakes from folders
+    with other eval prompts are refused."""
+    script, kept = SCRIPT.parent / "paired_gap.py", SCRIPT.parent / "results" / "per-prompt" / "results.json"
+    runs = json.loads(kept.read_text())["runs"]
+
+    def paired(*specs):
+        return subprocess.run([sys.executable, str(script), *specs], capture_output=True, text=True, timeout=120)
+
+    same = paired(f"{kept}:0", f"{kept}:0")
+    assert same.returncode == 0, same.stderr
+    assert "B - A +0.0 points ± 0.0" in same.stdout
+    other = paired(f"{kept}:0", f"{kept}:2")
+    assert other.returncode == 0, other.stderr
+    shown = re.search(r"A ([\d.]+)%, B ([\d.]+)%, B - A ([+-][\d.]+) points ± ([\d.]+)", other.stdout)
+    a, b, diff, err = map(float, shown.groups())
+    assert (a, b) == (round(100 * runs[0]["gap_closed"], 1), round(100 * runs[2]["gap_closed"], 1))
+    assert diff == pytest.approx(b - a, abs=0.11) and 0 < err < 10
+    refused = paired(f"{kept}:0", f"{kept}:1")  # spanish: another prompt
+    assert refused.returncode != 0 and "not evaluated on the same prompt" in refused.stderr

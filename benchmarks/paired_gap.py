@@ -1,0 +1,50 @@
+"""Paired difference in reverse-KL gap closed between two bakes of one prompt, on the same eval prompts.
+
+Two bakes evaluated against one reference (same eval prompts, seed and machine) differ by less
+than their own standard errors suggest: much of each error is which prompts are hard, and that
+is shared. This resamples the prompts (bootstrap) with the same draw for both bakes and the
+base, and prints the difference B - A in points with its standard error.
+
+    python benchmarks/paired_gap.py A.json:INDEX B.json:INDEX   (INDEX: the bake's position in "runs")
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def load(spec: str) -> tuple[dict, dict]:
+    path, _, index = spec.rpartition(":")
+    data = json.loads(open(path, encoding="utf-8").read())
+    return data, data["runs"][int(index)]
+
+
+def gap(run: dict, picks: np.ndarray) -> np.ndarray:
+    """Gap closed on each resample of prompts (rows of `picks`), as compare_methods computes it."""
+    baked = np.array(run["per_prompt"]["reverse"]["baked"], dtype=float)  # (P, 2): KL sum, tokens
+    base = np.array(run["per_prompt"]["reverse"]["base"], dtype=float)
+    per_token = lambda rows: rows[picks, 0].sum(1) / rows[picks, 1].sum(1)  # noqa: E731
+    return 1 - per_token(baked) / per_token(base)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        sys.exit(__doc__.strip().splitlines()[-1].strip())
+    (_, a), (_, b) = load(argv[0]), load(argv[1])
+    if a["prompt"] != b["prompt"] or a["eval_prompts"] != b["eval_prompts"]:
+        sys.exit("error: the two bakes were not evaluated on the same prompt and eval prompts")
+    n = len(a["per_prompt"]["reverse"]["baked"])
+    everything = np.arange(n)[None]
+    picks = np.random.default_rng(0).integers(0, n, size=(4000, n))
+    diff = gap(b, picks) - gap(a, picks)
+    print(f"{a['prompt']}: A {gap(a, everything)[0]:.1%}, B {gap(b, everything)[0]:.1%}, "
+          f"B - A {100 * (gap(b, everything) - gap(a, everything))[0]:+.1f} points "
+          f"± {100 * diff.std():.1f} (paired bootstrap over {n} prompts)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

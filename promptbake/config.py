@@ -158,6 +158,12 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
         "Responses sampled per prompt at each step: a step draws --batch-size / N prompts and samples each N "
         "times, so the optimizer still sees --batch-size rollouts. Must divide --batch-size.",
     )
+    teacher_rollouts: float = _opt(
+        0.0,
+        "opcd only: the share of each batch's rollouts that the prompted teacher samples instead of the student; "
+        "the student still learns the reverse KL(student || teacher) at their tokens, so it also practises on "
+        "answers it does not yet give itself. 0: every rollout is the student's (the paper's OPCD).",
+    )
     top_p: float = _opt(1.0, "Nucleus sampling threshold for student rollouts (1 = off).")
     holdout: float = _opt(0.1, "Fraction of the prompt set kept apart for before/after evaluation.")
     heldout_prompts: int = _opt(
@@ -251,6 +257,11 @@ class DistillConfig(GateOptions, SamplingOptions, ModelOptions):
         if self.micro_batch_size is not None:
             check_micro_batch(self.micro_batch_size, self.batch_size)
         check_samples_per_prompt(self.samples_per_prompt, self.batch_size, self.temperature)
+        if not (0 <= self.teacher_rollouts <= 1):
+            raise InputError(f"--teacher-rollouts must be a share between 0 and 1 (got {self.teacher_rollouts}).")
+        if self.teacher_rollouts and self.method != "opcd":
+            raise InputError(f"--teacher-rollouts applies to --method opcd only (--method {self.method} trains on "
+                             "the teacher's samples already).")
         if self.kl_topk < 0:
             raise InputError(f"--kl-topk must be 0 (full vocabulary) or a positive K (got {self.kl_topk}).")
         if not self.eval and (self.min_gap_closed is not None or self.min_pass_rate is not None):

@@ -6,6 +6,7 @@ update, checkpoints and the step log. A new method is one class with a `step` he
 and a line in `METHODS`.
 
     opcd       student samples (no system prompt); reverse KL(student || teacher) on them
+               (--teacher-rollouts: a share of the batch sampled by the prompted teacher instead)
     offpolicy  prompted teacher samples; forward KL(teacher || student) on them
     sft        prompted teacher samples; cross-entropy of the student on the sampled tokens
 
@@ -60,12 +61,22 @@ class OPCD:
     name = "opcd"
     loss_name = "reverse KL"
 
-    def __init__(self, pair: StudentTeacher):
+    def __init__(self, pair: StudentTeacher, teacher_share: float = 0.0):
         self.pair = pair
+        self.teacher_share = teacher_share  # --teacher-rollouts
+
+    def teacher_rows(self, batch_size: int) -> int:
+        """How many of a batch's rollouts the prompted teacher samples (the last ones)."""
+        return round(self.teacher_share * batch_size)
 
     def step(self, batch: list[Messages], generator: torch.Generator, timer: PhaseTimer) -> StepStats:
+        k = self.teacher_rows(len(batch))
+        own, lent = (batch[:-k], batch[-k:]) if k else (batch, [])
         with timer("rollout"):
-            ro = self.pair.rollout(batch, generator)  # student samples, no system prompt
+            parts = [self.pair.rollout(own, generator)] if own else []  # student samples, no system prompt
+            if lent:  # prompted teacher samples from the frozen weights, drawn after the student's
+                parts.append(self.pair.teacher_rollout(lent, generator))
+            ro = Rollout.join(parts)
         with timer("teacher"):
             t_hidden = self.pair.teacher_states(ro)  # (N, H), prompted teacher, no grad
         with timer("student"):
@@ -162,3 +173,10 @@ def _no_grad(head, hidden: torch.Tensor) -> torch.Tensor:
 
 
 METHODS = {m.name: m for m in (OPCD, OffPolicy, SFT)}
+
+
+def make_method(cfg, pair: StudentTeacher):
+    """The --method of a DistillConfig, on this pair."""
+    if cfg.method == "opcd":
+        return OPCD(pair, teacher_share=cfg.teacher_rollouts)
+    return METHODS[cfg.method](pair)

@@ -297,6 +297,10 @@ def write_model_card(folder: Path, record: dict) -> None:
     batch = f"{settings['batch_size']} prompts" if n == 1 else f"{settings['batch_size'] // n} prompts x {n} samples"
     lr = f"lr {settings['lr']}" if settings.get("lr_schedule", "constant") == "constant" else \
         f"peak lr {settings['lr']} ({settings['lr_schedule']} schedule)"
+    using = METHOD_TEXT[method]
+    if settings.get("teacher_rollouts"):  # records written before the option lack it
+        using += (f"; the teacher sampled {settings['teacher_rollouts']:.0%} of each batch's answers instead "
+                  "(`--teacher-rollouts`)")
     stored = ("The system prompt was recorded in `promptbake.json` (--record-prompt)" if "system_prompt" in record
               else "The system prompt itself is not stored here")
     card = f"""---
@@ -310,7 +314,7 @@ tags:
 # Baked model
 
 This checkpoint is `{record["base_model"]}` with a system prompt baked into its weights by
-[promptbake](https://pypi.org/project/promptbake/) using {METHOD_TEXT[method]}, then merged into the
+[promptbake](https://pypi.org/project/promptbake/) using {using}, then merged into the
 full-precision base. Use it with **no system prompt**.
 
 {stored}; its SHA-256 is

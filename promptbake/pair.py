@@ -38,6 +38,14 @@ class Rollout:
     def n_tokens(self) -> int:
         return sum(len(r) for r in self.responses)
 
+    @staticmethod
+    def join(parts: list[Rollout]) -> Rollout:
+        """One rollout of the parts' rows, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return Rollout(*([row for part in parts for row in getattr(part, name)]
+                         for name in ("prompts", "student_ids", "teacher_ids", "responses")))
+
     def split(self, size: int | None) -> list[Rollout]:
         """Consecutive parts of at most `size` rollouts (the whole rollout when size is None); their
         response tokens, concatenated in order, are this rollout's N tokens."""

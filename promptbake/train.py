@@ -19,7 +19,7 @@ from .config import DistillConfig
 from .data import Messages, spread
 from .errors import TrainingError
 from .eval.report import per_token_mean
-from .methods import METHODS, PhaseTimer
+from .methods import PhaseTimer, make_method
 from .setup import Run
 
 
@@ -27,7 +27,7 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
     """Run steps run.work has not done yet, up to cfg.steps; checkpoints go to the work folder."""
     import torch
 
-    method = METHODS[cfg.method](run.pair)
+    method = make_method(cfg, run.pair)
     cuda = run.device.type == "cuda"
     params, optimizer = run.params, run.optimizer
     # `progress` starts after the last checkpoint, saves new ones, and turns Ctrl-C / SIGTERM

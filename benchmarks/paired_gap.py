@@ -40,8 +40,8 @@ def main(argv: list[str]) -> int:
     everything = np.arange(n)[None]
     picks = np.random.default_rng(0).integers(0, n, size=(4000, n))
     diff = gap(b, picks) - gap(a, picks)
-    print(f"{a['prompt']}: A {gap(a, everything)[0]:.1%}, B {gap(b, everything)[0]:.1%}, "
-          f"B - A {100 * (gap(b, everything) - gap(a, everything))[0]:+.1f} points "
+    gap_a, gap_b = gap(a, everything)[0], gap(b, everything)[0]
+    print(f"{a['prompt']}: A {gap_a:.1%}, B {gap_b:.1%}, B - A {100 * (gap_b - gap_a):+.1f} points "
           f"± {100 * diff.std():.1f} (paired bootstrap over {n} prompts)")
     return 0
 

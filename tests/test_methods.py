@@ -4,7 +4,6 @@ the off-policy methods' samples coming from the prompted frozen teacher, and exa
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from promptbake.losses import (backward_in_chunks, cross_entropy_loss, forward_k
                                token_forward_kl)
 from promptbake.methods import METHODS, PhaseTimer
 from promptbake.pair import StudentTeacher
-from test_resume import adapter_diff, at_train_step, bake_args, metrics, run, send, work
+from test_resume import adapter_diff, bake_args, metrics, run, stop_at, work
 
 
 # ---------------------------------------------------------------- the losses, against float64
@@ -245,10 +244,7 @@ def offpolicy_reference(tiny_model, prompt_files, tmp_path_factory):
 def test_offpolicy_resume_matches_uninterrupted(tiny_model, prompt_files, offpolicy_reference, tmp_path,
                                                 monkeypatch):
     out = tmp_path / "baked"
-    with monkeypatch.context() as m:
-        at_train_step(m, 5, send(signal.SIGINT))
-        stopped = run(bake_args(tiny_model, prompt_files, out, "--method", "offpolicy"))
-    assert stopped.exit_code == 130, stopped.output
+    stopped = stop_at(monkeypatch, tiny_model, prompt_files, out, 5, "--method", "offpolicy")
     assert "saved step 4" in stopped.output
 
     resumed = run(bake_args(tiny_model, prompt_files, out, "--method", "offpolicy"))
@@ -262,10 +258,7 @@ def test_offpolicy_resume_matches_uninterrupted(tiny_model, prompt_files, offpol
 
 def test_resume_with_another_method_is_refused(tiny_model, prompt_files, tmp_path, monkeypatch):
     out = tmp_path / "baked"
-    with monkeypatch.context() as m:
-        at_train_step(m, 3, send(signal.SIGINT))
-        stopped = run(bake_args(tiny_model, prompt_files, out, "--method", "offpolicy"))
-    assert stopped.exit_code == 130, stopped.output
+    stop_at(monkeypatch, tiny_model, prompt_files, out, 3, "--method", "offpolicy")
     before = sorted(p.name for p in work(out).iterdir())
     for other, shown in (("sft", "sft"), (None, "opcd")):
         extra = ("--method", other) if other else ()

@@ -163,11 +163,11 @@ def test_signal_during_an_update_waits_for_it(tiny_model, prompt_files, referenc
     assert metrics(out) == metrics(reference)
 
 
-def stop_at(monkeypatch, tiny_model, prompt_files, out, k, steps=STEPS, save_every=2):
-    """A bake stopped by Ctrl-C during step k."""
+def stop_at(monkeypatch, tiny_model, prompt_files, out, k, *extra, steps=STEPS, save_every=2):
+    """A bake (distill with `extra` flags) stopped by Ctrl-C during step k."""
     with monkeypatch.context() as m:
         at_train_step(m, k, send(signal.SIGINT))
-        result = run(bake_args(tiny_model, prompt_files, out, steps=steps, save_every=save_every))
+        result = run(bake_args(tiny_model, prompt_files, out, *extra, steps=steps, save_every=save_every))
     assert result.exit_code == 130, result.output
     return result
 

@@ -7,7 +7,6 @@ the resume stays exact, and bad values are one error line."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from conftest import PIRATE, SECRET
 from promptbake.methods import OPCD, PhaseTimer
 from promptbake.pair import StudentTeacher
 from test_methods import distill_args
-from test_resume import adapter_diff, at_train_step, bake_args, metrics, run, send, work
+from test_resume import adapter_diff, bake_args, metrics, run, stop_at, work
 
 
 def test_the_last_rollouts_of_each_batch_are_the_prompted_teachers(tiny_model, prompt_files, tmp_path, monkeypatch):
@@ -88,10 +87,7 @@ def mixed_reference(tiny_model, prompt_files, tmp_path_factory):
 def test_resume_with_teacher_rollouts_matches_uninterrupted(tiny_model, prompt_files, mixed_reference, tmp_path,
                                                             monkeypatch):
     out = tmp_path / "baked"
-    with monkeypatch.context() as m:
-        at_train_step(m, 5, send(signal.SIGINT))
-        stopped = run(bake_args(tiny_model, prompt_files, out, "--teacher-rollouts", "0.5"))
-    assert stopped.exit_code == 130, stopped.output
+    stop_at(monkeypatch, tiny_model, prompt_files, out, 5, "--teacher-rollouts", "0.5")
     refused = run(bake_args(tiny_model, prompt_files, out))  # without the option: another setting
     assert refused.exit_code == 2
     assert "--teacher-rollouts was 0.5, now 0.0" in refused.output

@@ -2,24 +2,22 @@
 
 It runs the same checks `distill` runs before loading weights (setup.read_inputs and
 setup.read_model_files: the same code, so the same errors and the same prompt counts), then
-estimates memory and time from the model's config. The model's layers are built on torch's
-"meta" device (shapes only, no memory, no weights read) to count parameters and LoRA weights.
+estimates memory from the model's config and time from the bake's own step run on cut copies of the
+model with random weights (promptbake.timing). The model's layers are built on torch's "meta"
+device (shapes only, no memory, no weights read) to count parameters and LoRA weights.
 Nothing is written.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
 
 from .config import DistillConfig
 from .setup import read_inputs, read_model_files
+from .timing import time_bake
 
-# The wall-time estimate is FLOPs over the machine's measured matmul rate. It is not calibrated against
-# real bakes yet: small-batch decoding is bound by memory traffic, the rate by the matmul size chosen.
-_CLOSING_EVAL_PROMPTS = 16
 
 
 @dataclass
@@ -38,7 +36,7 @@ class Plan:
     parameters: int
     lora_parameters: int
     memory_mb: dict  # part -> MiB, and "total"
-    wall_seconds: dict  # part -> seconds, "total", and "how"
+    wall_seconds: dict | None  # part -> seconds, "total", and "how"; None when distill would skip the bake
     bake_key: str
     out: str
     out_status: str  # absent, up_to_date or different
@@ -59,7 +57,7 @@ def make_plan(cfg: DistillConfig, console: Console, *, force: bool = False) -> P
     from .setup import quiet_libraries
 
     quiet_libraries()
-    from .models import pick_device_and_dtype, resolve_quant
+    from .models import load_config, pick_device_and_dtype, resolve_quant
     from .sampling import rollout_dtype
 
     device, dtype = pick_device_and_dtype()
@@ -74,8 +72,13 @@ def make_plan(cfg: DistillConfig, console: Console, *, force: bool = False) -> P
     longest = max(len(renderer.teacher_ids(m)) for m in train)
     memory = estimate_memory(cfg, config, params=params, lora=lora, quant=quant, dtype=dtype, samp_dtype=samp_dtype,
                              vocab=vocab, longest_teacher=longest)
-    wall = estimate_wall(cfg, params=params, longest_teacher=longest, heldout=len(heldout), device=device,
-                         dtype=dtype)
+    wall = None  # an up-to-date bake is skipped: nothing to time, and a CI plan stays quick
+    if not inputs.up_to_date:
+        teacher_config = load_config(inputs.teacher_src, trust_remote_code=cfg.trust_remote_code) \
+            if inputs.teacher_src else None
+        with console.status("timing the bake's step on cut copies of the model"):
+            wall = time_bake(cfg, config, renderer, train, len(heldout), vocab=vocab, device=device, dtype=dtype,
+                             quant=quant, teacher_config=teacher_config)
     notes = []
     if inputs.out_status == "up_to_date" and force:
         notes.append("--force: distill bakes again and replaces --out")
@@ -147,43 +150,6 @@ def estimate_memory(cfg: DistillConfig, config, *, params: int, lora: int, quant
     return mib
 
 
-def estimate_wall(cfg: DistillConfig, *, params: int, longest_teacher: int, heldout: int, device, dtype) -> dict:
-    """Seconds by phase, from the FLOPs of each phase at this machine's measured matmul rate."""
-    rate = matmul_rate(device, dtype)
-    B, new = cfg.batch_size, cfg.max_new_tokens
-    tokens = B * (longest_teacher + new)
-    # Per step: sample B x new tokens, student forward + backward (3x a forward), teacher forward.
-    step_flops = 2 * params * B * new + 3 * 2 * params * tokens + 2 * params * tokens
-    step = step_flops / rate
-    held = min(heldout, 64)
-    # Held-out KL before and after: sampling and both scorings; the closing evaluation samples 3 systems.
-    kl = 2 * (held / B) * (2 * params * B * new + 2 * 2 * params * tokens) / rate
-    closing = (3 * min(heldout, _CLOSING_EVAL_PROMPTS) / B * (2 * params * B * new + 2 * params * tokens) / rate
-               if cfg.eval else 0.0)
-    parts = {"training": round(cfg.steps * step, 3), "per_step": round(step, 3), "heldout_kl": round(kl, 3),
-             "closing_eval": round(closing, 3)}
-    parts["total"] = round(cfg.steps * step + kl + closing, 3)
-    parts["how"] = (f"FLOPs of each phase (2 x parameters per token forward, 3x that with backward) at this "
-                    f"machine's measured {rate / 1e9:.0f} GFLOP/s matmul rate; model loading not included; not "
-                    "calibrated against real bakes, so treat it as an order of magnitude")
-    return parts
-
-
-def matmul_rate(device, dtype, seconds: float = 0.2) -> float:
-    """FLOP/s of square matmuls on `device` in `dtype`, measured for about `seconds`."""
-    import torch
-
-    n = 1024 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    (a @ b).sum().item()  # warm up
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        (a @ b).sum().item()
-        runs += 1
-    return 2 * n**3 * runs / (time.perf_counter() - start)
-
-
 def _bytes(dtype) -> int:
     return dtype.itemsize
 
@@ -211,7 +177,12 @@ def print_plan(plan: Plan, out: Console) -> None:
     table.add_row("peak memory (est.)", f"{m['total']:,.0f} MiB: " + ", ".join(
         f"{k.replace('_', ' ')} {v:,.0f}" for k, v in m.items() if k != "total"))
     w = plan.wall_seconds
-    table.add_row("wall time (est.)", f"{w['total'] / 60:.1f} min: {w['per_step']:.0f} s per step; {w['how']}")
+    if w is None:
+        table.add_row("wall time (est.)", "none: --out is up to date, so distill skips the bake")
+    else:
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in w["per_step_phases"].items())
+        table.add_row("wall time (est.)", f"{w['total'] / 60:.1f} min: {w['per_step']:.1f} s per step ({phases}), "
+                      f"held-out KL {w['heldout_kl']:.0f} s, closing eval {w['closing_eval']:.0f} s; {w['how']}")
     table.add_row("bake key", plan.bake_key)
     verdict = "will bake" if plan.will_bake else "up to date: distill will skip the bake"
     table.add_row("--out", f"{plan.out_why}; {verdict}")

@@ -39,3 +39,23 @@ def test_bench_trl_rejects_unknown_prompt_choice(tiny_dir):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "--prompts-which: unknown huge; choose from short, long."
+
+
+def test_bench_plan_sets_the_estimate_beside_a_real_bake(tiny_dir, prompt_files, tmp_path):
+    system, prompts = prompt_files
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_plan.py"), "--model", str(tiny_dir), "--prompt", str(system),
+         "--steps", "3", "--json", str(out), "--", "--prompts", str(prompts), "--batch-size", "2",
+         "--max-new-tokens", "8"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["steps"] == 3 and result["flags"][-1] == "8"
+    for part in ("estimate", "measured"):
+        assert set(result[part]["per_step_phases"]) == {"rollout", "teacher", "student", "optim"}
+        assert result[part]["per_step"] > 0
+    assert result["measured"]["heldout_kl"] >= 0 and result["measured"]["wall"] > 0  # tiny: the first is ~0.0 s
+    for row in ("rollout s / step", "step s", "held-out KL s"):
+        assert row in proc.stdout

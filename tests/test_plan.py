@@ -61,7 +61,14 @@ def test_plan_figures(ci_bake, no_weights):
                            "total"}
     assert memory["total"] == pytest.approx(sum(v for k, v in memory.items() if k != "total"), abs=0.5)
     wall = plan["wall_seconds"]
-    assert wall["total"] > 0 and "measured" in wall["how"] and "GFLOP/s" in wall["how"]
+    phases = wall["per_step_phases"]
+    assert set(phases) == {"rollout", "teacher", "student", "optim"} and all(v >= 0 for v in phases.values())
+    assert wall["per_step"] == pytest.approx(sum(phases.values()), abs=0.02)
+    assert wall["training"] == pytest.approx(ci_bake.record["settings"]["steps"] * wall["per_step"], abs=0.2)
+    assert wall["total"] == pytest.approx(wall["training"] + wall["heldout_kl"] + wall["closing_eval"], abs=0.2)
+    assert wall["closing_eval"] >= 0 and wall["heldout_kl"] >= 0  # a tiny model: hundredths of a second
+    # The tiny model has 2 layers: both copies are timed as they are, and scaled to nothing further.
+    assert "copies of the model with 1 and 2 of its 2 layers and random weights" in wall["how"]
 
 
 def test_plan_parameter_counts_match_the_bake(ci_bake, tiny_model):
@@ -114,3 +121,51 @@ def test_plan_with_a_missing_prompt_file(tiny_model, tmp_path):
     assert answer["ok"] is False and answer["exit_code"] == 2
     assert answer["error"] == f"error: system prompt file {tmp_path / 'nope.txt'} does not exist."
     assert not (tmp_path / "o").exists()
+
+
+def test_cut_config_keeps_the_first_layers_and_their_kinds():
+    from tiny import build_gemma3_model
+
+    from promptbake.timing import cut_config
+
+    config = build_gemma3_model(vocab_size=300).config
+    kinds = list(config.layer_types)
+    cut = cut_config(config, 3)
+    assert cut.num_hidden_layers == 3 and cut.layer_types == kinds[:3]
+    assert config.num_hidden_layers == 4 and config.layer_types == kinds  # the model's own config is untouched
+
+
+def test_full_depth_is_the_shallow_copy_plus_the_measured_cost_per_layer(monkeypatch, tiny_model, prompt_files):
+    """time_bake's arithmetic, with the two copies' timings fixed: a per-layer slope from 1 and 8 layers."""
+    from rich.console import Console
+
+    from promptbake import timing
+    from promptbake.config import DistillConfig
+    from promptbake.setup import read_inputs, read_model_files
+
+    assert (timing.SHALLOW, timing.DEEP) == (1, 8)
+    times = {1: timing.StepTimes({"rollout": 1.0, "teacher": 0.2, "student": 0.5, "optim": 0.1}, 0.6),
+             8: timing.StepTimes({"rollout": 1.7, "teacher": 0.9, "student": 4.0, "optim": 0.1}, 2.0)}
+    monkeypatch.setattr(timing, "time_cut", lambda cfg, config, renderer, train, layers, **kw: times[layers])
+    system, prompts = prompt_files
+    cfg = DistillConfig(model=str(tiny_model), prompt=str(system), prompts=str(prompts), steps=10, batch_size=2,
+                        heldout_prompts=5)
+    _, renderer, config, _, train, heldout, vocab = read_model_files(cfg, read_inputs(cfg), Console(quiet=True))
+    config.num_hidden_layers = 15  # a deeper model of the same shapes: 14 layers past the shallow copy
+    wall = timing.time_bake(cfg, config, renderer, train, 20, vocab=vocab, device=None, dtype=None, quant="4bit")
+    # Per layer (over the 7 between the copies): rollout 0.1, teacher 0.1, student 0.5, optim 0.
+    assert wall["per_step_phases"] == {"rollout": 2.4, "teacher": 1.6, "student": 7.5, "optim": 0.1}
+    assert wall["per_step"] == pytest.approx(11.6) and wall["training"] == pytest.approx(116.0)
+    held_batch = 0.6 + 14 * 0.2  # 3.4 s for 2 x batch rows
+    assert wall["heldout_kl"] == pytest.approx(2 * 2 * held_batch)  # 5 prompts, 4 rows a batch: 2 batches, twice
+    assert wall["closing_eval"] == pytest.approx(2 * 8 * held_batch)  # min(20, 16) prompts, 2 at a time
+    assert "with 1 and 8 of its 15 layers" in wall["how"] and "unquantised: the bake's base is 4bit" in wall["how"]
+
+
+def test_an_up_to_date_bake_is_not_timed(ci_bake, no_weights, monkeypatch):
+    """distill would skip it, so plan says so at once instead of timing a step (a CI plan stays quick)."""
+    from promptbake import timing
+
+    monkeypatch.setattr(timing, "time_cut", lambda *a, **kw: pytest.fail("timed a bake that distill skips"))
+    plan = json.loads(invoke("plan", "--config", ci_bake.config, "--json").stdout)
+    assert plan["will_bake"] is False and plan["wall_seconds"] is None

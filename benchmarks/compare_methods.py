@@ -195,7 +195,7 @@ class Evaluator:
 
         return ComparedModels(baked_lm, self.base_lm, Renderer(self.tok, system, self.model), vocab=self.vocab,
                               max_new_tokens=max_new, temperature=temperature,
-                              batch_size=self.args.eval_batch_size)
+                              batch_size=self.args.eval_batch_size, sampler="exact")  # the kept answers' sampler
 
     def teacher_and_base(self, name: str, system: str, checks, max_new: int, temperature: float) -> dict:
         """Samples, check passes and KLs of the prompted teacher and the base (no bake needed)."""

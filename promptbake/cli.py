@@ -400,7 +400,7 @@ def _load_for_chat(cfg: ChatConfig):
     return load_compared(cfg.baked, cfg.model, read_system_prompt(cfg.prompt), max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, chat_template=cfg.chat_template,
                          trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, force=cfg.force,
-                         console=err_console, what="baked folder")
+                         sampler=cfg.sampler, console=err_console, what="baked folder")
 
 
 def _one_message(message: str | None) -> str:

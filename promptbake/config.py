@@ -23,6 +23,7 @@ ROLLOUT_CHOICES = ("fast", "exact", "generate")
 CHECKPOINTING_CHOICES = ("auto", "on", "off")
 METHOD_CHOICES = ("opcd", "offpolicy", "sft")
 LR_SCHEDULE_CHOICES = ("constant", "cosine")
+SAMPLER_CHOICES = ("exact", "fast")
 EXPORT_CHOICES = ("none", "gguf")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -94,6 +95,13 @@ class ComparisonOptions:
     force: bool = _opt(
         False, "Compare even when --model, --prompt or the tokenizer differ from what the bake's promptbake.json "
         "records (a deliberate cross-comparison)."
+    )
+    sampler: str = _opt(
+        "exact",
+        "How baked, teacher and base sample. exact: promptbake's decode loop on the models as loaded (fp32 on CPU). "
+        "fast: the same loop on fused copies of the weights, bf16 on CPUs that have it: about twice as fast an "
+        "evaluation on CPU, with answers that differ by rounding (and more memory: the copies).",
+        choices=SAMPLER_CHOICES,
     )
 
     def _check_compared(self) -> None:

@@ -126,16 +126,22 @@ def make_teacher_sampler(mode: str, peft_model, args: SamplingArgs, *, teacher=N
     Its weights never change, so unlike the student's it needs no merge refresh. `generate`
     keeps the own loop here: Hugging Face generate is only the student's debugging path.
     """
-    from .decoder import LeanDecoder, unsupported_reason
-
     lm = teacher if teacher is not None else peft_model.get_base_model()
     adapter_off = None if teacher is not None else peft_model.disable_adapter
-    param = next(lm.parameters())
-    if mode == "fast" and not quantised and unsupported_reason(lm) is None:
+    return frozen_sampler(lm, args, fast=mode == "fast" and not quantised, what="the frozen teacher",
+                          context=adapter_off)
+
+
+def frozen_sampler(lm, args: SamplingArgs, *, fast: bool, what: str, context=None) -> FrozenSampler:
+    """promptbake's own loop on weights that never change: on a `LeanDecoder` copy (bf16 where the CPU
+    has it) if `fast` and the architecture allows, else on `lm` as it is, inside `context()`."""
+    from .decoder import LeanDecoder, unsupported_reason
+
+    if fast and unsupported_reason(lm) is None:
+        param = next(lm.parameters())
         dtype = rollout_dtype(param.dtype, param.device)
-        return FrozenSampler(LeanDecoder(lm, dtype), args, f"LeanDecoder on the frozen teacher, "
-                             f"{str(dtype).removeprefix('torch.')}")
-    return FrozenSampler(lm, args, "own loop on the frozen teacher", adapter_off)
+        return FrozenSampler(LeanDecoder(lm, dtype), args, f"LeanDecoder on {what}, {str(dtype).removeprefix('torch.')}")
+    return FrozenSampler(lm, args, f"own loop on {what}", context)
 
 
 def make_sampler(mode: str, peft_model, args: SamplingArgs, *, quantised: bool) -> Sampler:

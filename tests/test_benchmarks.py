@@ -59,3 +59,19 @@ def test_bench_plan_sets_the_estimate_beside_a_real_bake(tiny_dir, prompt_files,
     assert result["measured"]["heldout_kl"] >= 0 and result["measured"]["wall"] > 0  # tiny: the first is ~0.0 s
     for row in ("rollout s / step", "step s", "held-out KL s"):
         assert row in proc.stdout
+
+
+def test_bench_eval_runs_each_sampler_on_one_bake(tiny_dir, prompt_files, tmp_path):
+    system, _ = prompt_files
+    out = tmp_path / "eval.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_eval.py"), "--model", str(tiny_dir), "--prompt", str(system),
+         "--bake-steps", "2", "--max-prompts", "4", "--json", str(out)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["sampler"] for r in results] == ["fast", "exact"]
+    for r in results:
+        assert r["seconds"] > 0 and r["reverse_kl"]["base"][0] > 0 and r["drift"] is not None
+    assert "fast / exact time:" in proc.stdout

@@ -185,6 +185,39 @@ def test_eval_closes_part_of_the_gap_on_held_out_prompts(tiny):
     assert report.gap_closed_stderr == pytest.approx(gap_closed_stderr(r["baked"], r["base"]))
 
 
+def test_fast_evaluation_samples_what_the_exact_one_does(tiny, monkeypatch):
+    """--sampler fast draws each system's answers from that system's weights: in float32 its LeanDecoder
+    copies give the exact loop's answers token for token (in bf16 they differ only by rounding)."""
+    import torch
+
+    import promptbake.samplers
+    from promptbake.data import load_prompts, spread
+    from promptbake.eval.systems import load_compared
+
+    monkeypatch.setattr(promptbake.samplers, "rollout_dtype", lambda dtype, device: torch.float32)
+    prompts = spread(load_prompts("eval"), 6)
+    answers = {}
+    for how in ("fast", "exact"):
+        models = load_compared(tiny["baked"], str(tiny["base"]), SYSTEM, max_new_tokens=8, temperature=1.0,
+                               batch_size=4, sampler=how, console=Console(file=io.StringIO()))
+        assert models.sampler == how
+        assert ("LeanDecoder on the baked model" in models.samplers["baked"].description) == (how == "fast")
+        answers[how] = {s: models.sample(s, prompts, seed=3) for s in ("baked", "teacher", "base")}
+    assert answers["fast"] == answers["exact"]
+    assert answers["fast"]["baked"] != answers["fast"]["base"] != answers["fast"]["teacher"]
+
+
+def test_eval_records_the_sampler_it_used(tiny, tmp_path):
+    for extra, expected in (([], "exact"), (["--sampler", "fast"], "fast")):
+        result = run(*eval_args(tiny, "--report", tmp_path / expected, *extra))
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / expected / "eval.json").read_text())["settings"]["sampler"] == expected
+    record = json.loads((tiny["baked"] / "promptbake.json").read_text())
+    assert record["results"]["eval"]["settings"]["sampler"] == "exact"  # distill's closing evaluation: its gates
+    bad = run(*eval_args(tiny, "--sampler", "quick"))
+    assert bad.exit_code == 2 and "'quick' is not one of 'exact', 'fast'" in " ".join(bad.output.replace("│", "").split())
+
+
 def test_eval_cli_prints_and_writes_reports(tiny, tmp_path):
     result = run(*eval_args(tiny, "--report", tmp_path / "rep", "--min-gap-closed", "0", "--min-pass-rate", "0"))
     assert result.exit_code == 0, result.output

@@ -56,7 +56,7 @@ def evaluate_bake(cfg: DistillConfig, folder: Path, heldout: list[Messages], che
     models = load_compared(folder, cfg.model, system, **_loading(cfg), console=console)
     figures = measure(models, spread(heldout, DISTILL_EVAL_PROMPTS), [], checks, seed=cfg.seed, console=console)
     settings = {"prompts": "held-out", "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "seed": cfg.seed, "checks": str(cfg.checks) if cfg.checks else None}
+                "seed": cfg.seed, "checks": str(cfg.checks) if cfg.checks else None, "sampler": models.sampler}
     report = EvalReport(str(cfg.out), cfg.model, sha256_text(system), **figures, settings=settings)
     report.gates = apply_gates(report, min_gap_closed=cfg.min_gap_closed, min_pass_rate=cfg.min_pass_rate)
     print_report(report, console, samples=0)
@@ -65,7 +65,9 @@ def evaluate_bake(cfg: DistillConfig, folder: Path, heldout: list[Messages], che
 
 
 def _loading(cfg: DistillConfig | EvalConfig) -> dict:
-    """load_compared's settings, which distill and eval share."""
+    """load_compared's settings, which distill and eval share. distill's closing evaluation, which its
+    gates read, samples the exact way."""
+    sampler = cfg.sampler if isinstance(cfg, EvalConfig) else "exact"
     return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=cfg.batch_size,
                 chunk_size=cfg.chunk_size, chat_template=cfg.chat_template, trust_remote_code=cfg.trust_remote_code,
-                allow_pickle=cfg.allow_pickle)
+                allow_pickle=cfg.allow_pickle, sampler=sampler)

@@ -26,13 +26,16 @@ class ComparedModels:
     """The baked checkpoint and the base model, and the three systems they make (see SYSTEMS)."""
 
     def __init__(self, baked_lm, base_lm, renderer, *, vocab: int, max_new_tokens: int, temperature: float,
-                 batch_size: int = 8, chunk_size: int = 128):
-        from ..samplers import LoopSampler, SamplingArgs
+                 batch_size: int = 8, chunk_size: int = 128, sampler: str = "exact"):
+        """`sampler`: fast (LeanDecoder copies, bf16 where the CPU has it) or exact (the models as loaded)."""
+        from ..samplers import SamplingArgs, frozen_sampler
 
         self.baked_lm, self.base_lm, self.renderer, self.tok = baked_lm, base_lm, renderer, renderer.tok
         self.vocab, self.batch_size, self.chunk_size = vocab, batch_size, chunk_size
         args = SamplingArgs.for_model(self.tok, base_lm, max_new_tokens=max_new_tokens, temperature=temperature)
-        self.samplers = {"baked": LoopSampler(baked_lm, args), "base": LoopSampler(base_lm, args)}
+        self.sampler, fast = sampler, sampler == "fast"  # for the records
+        self.samplers = {"baked": frozen_sampler(baked_lm, args, fast=fast, what="the baked model"),
+                         "base": frozen_sampler(base_lm, args, fast=fast, what="the base model")}
 
     def _view(self, system: str, prompts: list[Messages]):
         """The causal LM and input ids that make up `system`."""
@@ -123,11 +126,12 @@ def check_same_base(baked_dir: Path, baked_config, base_config, model: str, what
 def load_compared(baked: Path, model: str, system_prompt: str, *, max_new_tokens: int, temperature: float,
                   batch_size: int = 8, chunk_size: int = 128, chat_template: Path | None = None,
                   trust_remote_code: bool = False, allow_pickle: bool = False, force: bool = False,
-                  console: Console, what: str = "--baked") -> ComparedModels:
+                  sampler: str = "exact", console: Console, what: str = "--baked") -> ComparedModels:
     """Load the base model (for teacher and base) and the baked checkpoint, after checking they match.
 
     Matching: the bake's promptbake.json names the base and the prompt's SHA-256, and the two
-    tokenizers must agree; a mismatch is an error unless `force` (then a note).
+    tokenizers must agree; a mismatch is an error unless `force` (then a note). `sampler`: exact
+    or fast (see ComparedModels).
     """
     template = read_template(chat_template)
     baked_src = resolve_baked(baked, what)
@@ -150,6 +154,6 @@ def load_compared(baked: Path, model: str, system_prompt: str, *, max_new_tokens
     base_lm = load_model(src, **kw)
     baked_lm = load_model(baked_src, **kw)
     return ComparedModels(baked_lm, base_lm, renderer, vocab=base_config.get_text_config().vocab_size,
-                   max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-                   chunk_size=chunk_size)
+                          max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
+                          chunk_size=chunk_size, sampler=sampler)
 

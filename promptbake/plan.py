@@ -19,7 +19,6 @@ from .setup import read_inputs, read_model_files
 from .timing import time_bake
 
 
-
 @dataclass
 class Plan:
     model: str

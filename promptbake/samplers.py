@@ -140,7 +140,8 @@ def frozen_sampler(lm, args: SamplingArgs, *, fast: bool, what: str, context=Non
     if fast and unsupported_reason(lm) is None:
         param = next(lm.parameters())
         dtype = rollout_dtype(param.dtype, param.device)
-        return FrozenSampler(LeanDecoder(lm, dtype), args, f"LeanDecoder on {what}, {str(dtype).removeprefix('torch.')}")
+        name = str(dtype).removeprefix("torch.")
+        return FrozenSampler(LeanDecoder(lm, dtype), args, f"LeanDecoder on {what}, {name}")
     return FrozenSampler(lm, args, f"own loop on {what}", context)
 
 

@@ -54,7 +54,7 @@ KEPT = ("pirate", "concise", "french", "spanish")
 BAKE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
 SWEEPABLE = {"lr": float, "steps": int, "batch_size": int, "max_new_tokens": int, "lora_rank": int,
              "lora_alpha": float, "temperature": float, "top_p": float, "kl_topk": int, "lora_dropout": float,
-             "lr_schedule": str, "samples_per_prompt": int, "teacher_rollouts": float}
+             "lr_schedule": str, "samples_per_prompt": int, "teacher_rollouts": float, "rollout": str}
 
 
 def parse_args(argv=None):

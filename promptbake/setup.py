@@ -149,8 +149,7 @@ def prepare(cfg: DistillConfig, inputs: Inputs, console: Console) -> Run:
     teacher = load_model(inputs.teacher_src, **load) if inputs.teacher_src else None
     pair = build_pair(student, renderer, cfg, vocab=vocab, quant=quant, teacher=teacher)
     console.print(f"rollouts: {pair.sampler.description}", markup=False, highlight=False, soft_wrap=True)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    params, optimizer = lora_optimizer(student, cfg)
     return Run(device, dtype, quant, work, tok, renderer, config, prompt_set, train, heldout, student, pair,
                params, optimizer, fingerprints)
 
@@ -209,6 +208,14 @@ def add_lora(base, cfg: DistillConfig):
         return get_peft_model(base, lora)
     except ValueError as err:
         raise InputError(f"--lora-targets {cfg.lora_targets}: {first_line(err)}") from None
+
+
+def lora_optimizer(student, cfg: DistillConfig):
+    """(the trainable LoRA parameters, the AdamW that updates them) for a LoRA-wrapped model."""
+    import torch
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
 
 
 def build_pair(student, renderer, cfg: DistillConfig, *, vocab: int, quant: str, teacher=None):

@@ -95,8 +95,8 @@ def time_cut(cfg: DistillConfig, config, renderer, train: list[Messages], layers
     import torch
 
     from .methods import PhaseTimer, make_method
-    from .setup import add_lora, build_pair
-    from .train import batch_indices
+    from .setup import add_lora, build_pair, lora_optimizer
+    from .train import MAX_GRAD_NORM, step_batch
 
     torch.manual_seed(0)
     student = add_lora(_random_model(cut_config(config, layers), cfg, device, dtype), cfg)
@@ -104,24 +104,20 @@ def time_cut(cfg: DistillConfig, config, renderer, train: list[Messages], layers
                if teacher_config is not None else None)
     pair = build_pair(student, renderer, cfg, vocab=vocab, quant="none", teacher=teacher)
     method = make_method(cfg, pair)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    n = cfg.samples_per_prompt
+    params, optimizer = lora_optimizer(student, cfg)
     steps: list[dict[str, float]] = []
     heldout_batch = 0.0
-    for step in range(1, repeats + 2):  # step 1 warms caches, allocator and kernels up
-        ids = batch_indices(len(train), cfg.batch_size // n, step, cfg.seed)
-        batch = [train[i] for i in ids for _ in range(n)]
+    for step in range(1, repeats + 2):
         gen = torch.Generator(device).manual_seed(step)
         timer = PhaseTimer(device)
-        method.step(batch, gen, timer)
+        method.step(step_batch(train, cfg, step), gen, timer)
         with timer("optim"):
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if step > 1:
             steps.append(timer.seconds)
-        if step == 1:  # one held-out KL batch, warm: sampling and scoring 2 x --batch-size prompts
+        else:  # step 1 warmed caches, allocator and kernels up; now one held-out KL batch (2 x --batch-size)
             timer.sync()
             t0 = time.perf_counter()
             pair.reverse_kl(pair.rollout([train[i % len(train)] for i in range(2 * cfg.batch_size)], gen))

@@ -22,6 +22,8 @@ from .eval.report import per_token_mean
 from .methods import PhaseTimer, make_method
 from .setup import Run
 
+MAX_GRAD_NORM = 1.0  # gradients are clipped to this norm before each update
+
 
 def train(cfg: DistillConfig, run: Run, console: Console) -> None:
     """Run steps run.work has not done yet, up to cfg.steps; checkpoints go to the work folder."""
@@ -34,11 +36,8 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
     # into a checkpoint and a clean exit.
     with (run.work.training(run.student, optimizer, steps=cfg.steps, save_every=cfg.save_every) as progress,
           StepLog(console, cfg.steps, progress.done, method.loss_name) as log):
-        n = cfg.samples_per_prompt
         for step in range(progress.done + 1, cfg.steps + 1):
-            # batch / n prompts, each n times in a row: the shared generator gives every copy its own sample.
-            ids = batch_indices(len(run.train), cfg.batch_size // n, step, cfg.seed)
-            batch = [run.train[i] for i in ids for _ in range(n)]
+            batch = step_batch(run.train, cfg, step)
             torch.manual_seed(step_seed(cfg.seed, step))  # LoRA dropout
             gen = torch.Generator(run.device).manual_seed(step_seed(cfg.seed, step))
             timer = PhaseTimer(run.device)
@@ -46,7 +45,7 @@ def train(cfg: DistillConfig, run: Run, console: Console) -> None:
                 torch.cuda.reset_peak_memory_stats(run.device)  # each row's peak is its own step's
             stats = method.step(batch, gen, timer)  # gradients are in the LoRA weights now
             with timer("optim"):
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
             if not (math.isfinite(stats.loss) and math.isfinite(grad_norm)):
                 bad = stats.loss if not math.isfinite(stats.loss) else grad_norm
                 raise diverged(f"step {step}: the loss or gradient became {bad}", cfg, progress.kept())
@@ -125,6 +124,13 @@ def heldout_kl(run: Run, heldout: list[Messages], cfg: DistillConfig, console: C
     console.print(f"held-out reverse KL per token {when} training: {value:.4f} ± {stderr:.4f} "
                   f"({result.prompts} prompts, {result.tokens} tokens, {result.seconds:.0f} s)", highlight=False)
     return result
+
+
+def step_batch(train: list[Messages], cfg: DistillConfig, step: int) -> list[Messages]:
+    """Step `step`'s batch: --batch-size / N prompts, each N (--samples-per-prompt) times in a row; the
+    shared generator gives every copy its own sample."""
+    n = cfg.samples_per_prompt
+    return [train[i] for i in batch_indices(len(train), cfg.batch_size // n, step, cfg.seed) for _ in range(n)]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -31,7 +31,44 @@ from .eval import evaluate, print_report
 from .eval.chat import answer, print_answers
 from .eval.systems import load_compared
 
+
+
+class _OneLineRefusals(typer.core.TyperGroup):
+    """click refuses a bad command line (an unknown option, a value of the wrong type or not among
+    the choices) in a framed box of several lines; promptbake says it in one `error:` line, as it
+    does its own refusals, and exits with click's code (2)."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_refusal():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):  # the subcommand's own options are parsed in here
+        with _one_line_refusal():
+            return super().invoke(ctx)
+
+
+# click's exceptions, wherever this typer takes click from (recent ones vendor it as typer._click)
+_CLICK = getattr(typer.core, "_click", None) or __import__("click")
+
+
+@contextlib.contextmanager
+def _one_line_refusal():
+    try:
+        yield
+    except getattr(_CLICK, "NoArgsIsHelpError", ()):
+        raise  # bare `promptbake`: click prints the help
+    except _CLICK.ClickException as err:
+        line = err.format_message().replace("Value error, ", "")
+        ctx = getattr(err, "ctx", None)
+        if ctx is not None:
+            line += f" (see: {ctx.command_path} --help)"
+        print_line(err_console, "error", line, "bold red")
+        _FAILURE.update(error=f"error: {line}")
+        raise typer.Exit(err.exit_code) from None
+
+
 app = typer.Typer(
+    cls=_OneLineRefusals,
     name="promptbake",
     help="Bake a system prompt into a model's weights with on-policy context distillation.",
     no_args_is_help=True,
@@ -431,13 +468,18 @@ def export_command(
     _run(export_gguf, baked, out, outtype=outtype, overwrite=overwrite, console=err_console, format=format)
 
 
-@app.callback()
-def main(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-):
-    if version:
+def _print_version(asked: bool) -> None:
+    if asked:
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+):
+    pass
 
 
 def entry() -> None:
@@ -454,8 +496,9 @@ def _json_usage_error(code) -> None:
     argv = sys.argv[1:]
     if "--json" in argv and code not in (0, None) and not _FAILURE.get("answered"):
         command = next((a for a in argv if not a.startswith("-")), None)
+        error = _FAILURE.get("error", "error: the command line was refused (the reason is on stderr)")
         typer.echo(json.dumps({"command": command, "exit_code": code, "ok": False, "gates_passed": None,
-                               "error": "error: the command line was refused (the reason is on stderr)"}, indent=2))
+                               "error": error}, indent=2))
 
 
 if __name__ == "__main__":  # python -m promptbake.cli

@@ -154,3 +154,29 @@ def test_cli_start_up_imports_no_heavy_modules():
     assert out.strip() == "[]"
     result = subprocess.run([sys.executable, "-m", "promptbake", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "distill" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--sampler", "quick"], "Invalid value for '--sampler': 'quick' is not one of 'exact', 'fast'."),
+    (["distill", "--quant", "bad"], "Invalid value for '--quant': 'bad' is not one of 'auto', '4bit', '8bit', 'none'."),
+    (["distill", "--steps", "abc"], "Invalid value for '--steps'"),
+    (["distill", "--no-such-option"], "No such option: --no-such-option"),
+    (["bake"], "No such command 'bake'."),
+    (["--no-such-option"], "No such option: --no-such-option"),
+])
+def test_a_refused_command_line_is_one_error_line(args, message, tmp_path):
+    """click's own refusals (a value not among the choices, of the wrong type, an unknown option or
+    command) read like promptbake's: one `error:` line naming the option and where the help is, exit 2."""
+    result = runner.invoke(app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.stderr.rstrip().endswith("--help)") and "╭" not in result.stderr
+
+
+def test_version_needs_no_command():
+    from promptbake import __version__
+
+    for args in (["--version"], ["--version", "distill"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0 and result.stdout == f"{__version__}\n", result.output

@@ -65,4 +65,5 @@ def test_a_refused_command_line_still_answers_in_json():
     assert done.returncode == 2
     answer = json.loads(done.stdout)
     assert answer["command"] == "distill" and answer["exit_code"] == 2 and answer["ok"] is False
-    assert "--steps" in done.stderr  # click's own reason
+    assert done.stderr.startswith("error: Invalid value for '--steps'") and done.stderr.count("\n") == 1
+    assert answer["error"] == done.stderr.strip()  # the same reason, in the answer too

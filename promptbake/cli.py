@@ -2,7 +2,7 @@
 
 The options of `distill`, `eval` and `chat` are generated from the fields of
 `DistillConfig`, `EvalConfig` and `ChatConfig`, so the help text lives in one place. Library errors (`PromptbakeError`)
-become one red line and a non-zero exit; a missed quality gate exits with 4.
+and click's refusals of the command line become one red line and a non-zero exit; a missed quality gate exits with 4.
 Heavy modules (torch, transformers, peft) are imported inside commands.
 """
 
@@ -30,7 +30,6 @@ from .errors import InputError, Interrupted, PromptbakeError, Terminated, print_
 from .eval import evaluate, print_report
 from .eval.chat import answer, print_answers
 from .eval.systems import load_compared
-
 
 
 class _OneLineRefusals(typer.core.TyperGroup):
@@ -77,7 +76,7 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 GATE_FAILED = 4  # exit code when a quality threshold is missed
-_FAILURE: dict = {}  # the last error line _run printed, for --json
+_FAILURE: dict = {}  # the last error line printed (by _run, or for a refused command line), for --json
 
 _TYPES = {"str": str, "Path": Path, "int": int, "float": float, "bool": bool,
           "str | None": Optional[str], "Path | None": Optional[Path], "float | None": Optional[float]}

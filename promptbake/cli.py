@@ -9,6 +9,7 @@ Heavy modules (torch, transformers, peft) are imported inside commands.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import enum
 import inspect
 import json
@@ -48,6 +49,7 @@ class _OneLineRefusals(typer.core.TyperGroup):
 
 # click's exceptions, wherever this typer takes click from (recent ones vendor it as typer._click)
 _CLICK = getattr(typer.core, "_click", None) or __import__("click")
+_NO_SUCH_OPTION = getattr(getattr(_CLICK, "exceptions", _CLICK), "NoSuchOption", ())
 
 
 @contextlib.contextmanager
@@ -57,13 +59,43 @@ def _one_line_refusal():
     except getattr(_CLICK, "NoArgsIsHelpError", ()):
         raise  # bare `promptbake`: click prints the help
     except _CLICK.ClickException as err:
-        line = err.format_message().replace("Value error, ", "")
+        line = _refusal_text(err)
         ctx = getattr(err, "ctx", None)
         if ctx is not None:
             line += f" (see: {ctx.command_path} --help)"
         print_line(err_console, "error", line, "bold red")
         _FAILURE.update(error=f"error: {line}")
         raise typer.Exit(err.exit_code) from None
+
+
+# typer's type checks speak pydantic; the user typed a command line
+_TYPE_ERRORS = {
+    "Input should be a valid integer, unable to parse string as an integer": "{} is not a whole number",
+    "Input should be a valid number, unable to parse string as a number": "{} is not a number",
+    "Value error, ": "",
+}
+
+
+def _refusal_text(err) -> str:
+    """click's message for a refused command line, in the user's terms. An unknown option names the
+    one option it is close to (`--stesp`: did you mean --steps?), not click's list of loose matches
+    (`--bogus`: possible options --out)."""
+    if isinstance(err, _NO_SUCH_OPTION):
+        near = difflib.get_close_matches(err.option_name, err.possibilities or [], n=1, cutoff=0.75)
+        return f"No such option: {err.option_name}" + (f". Did you mean {near[0]}?" if near else "")
+    line = err.format_message()
+    typed = _typed_value(err)
+    for said, meant in _TYPE_ERRORS.items():
+        line = line.replace(said, meant.format(typed))
+    return line
+
+
+def _typed_value(err) -> str:
+    """What the user typed for the refused value, quoted, where typer's check kept it; else 'it'."""
+    try:
+        return repr(err.__cause__.errors()[0]["input"])
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return "it"
 
 
 app = typer.Typer(

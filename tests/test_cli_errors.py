@@ -159,8 +159,11 @@ def test_cli_start_up_imports_no_heavy_modules():
 @pytest.mark.parametrize("args, message", [
     (["eval", "--sampler", "quick"], "Invalid value for '--sampler': 'quick' is not one of 'exact', 'fast'."),
     (["distill", "--quant", "bad"], "Invalid value for '--quant': 'bad' is not one of 'auto', '4bit', '8bit', 'none'."),
-    (["distill", "--steps", "abc"], "Invalid value for '--steps'"),
-    (["distill", "--no-such-option"], "No such option: --no-such-option"),
+    (["distill", "--steps", "abc"], "Invalid value for '--steps': 'abc' is not a whole number"),
+    (["distill", "--lr=x"], "Invalid value for '--lr': 'x' is not a number"),
+    (["distill", "--no-such-option"], "No such option: --no-such-option ("),
+    (["distill", "--stesp", "3"], "No such option: --stesp. Did you mean --steps? ("),
+    (["distill", "--bogus"], "No such option: --bogus ("),  # no far-fetched guess (click offered --out)
     (["bake"], "No such command 'bake'."),
     (["--no-such-option"], "No such option: --no-such-option"),
 ])

@@ -234,7 +234,7 @@ class Evaluator:
         base_reverse, base_forward = ref["reverse_kl_base"], ref["forward_kl_base"]
         drift = None
         if self.ood:
-            drift = m.kl("baked", "base", self.ood, m.sample("baked", self.ood, seed)).value
+            drift = m.kl("baked", "base", self.ood, m.sample("baked", self.ood, seed))
         n = len(self.prompts)
         checks_out = {c.name: {"baked": sum(c.passes(t) for t in texts) / n,
                                "teacher": ref["passes"][c.name]["teacher"] / n,
@@ -250,12 +250,15 @@ class Evaluator:
             # One evaluation's own uncertainty (prompts as the draws), beside the spread over seeds.
             "gap_closed_stderr": gap_closed_stderr(reverse, base_reverse),
             "forward_gap_closed_stderr": gap_closed_stderr(forward, base_forward),
-            "checks": checks_out, "drift": drift, "eval_prompts": n, "ood_prompts": len(self.ood),
+            "checks": checks_out, "drift": None if drift is None else drift.value,
+            "drift_stderr": None if drift is None else drift.stderr,
+            "eval_prompts": n, "ood_prompts": len(self.ood),
             "texts": texts,  # every answer, so the checks can be re-scored later without baking again
             # Each prompt's summed KL and tokens, in prompt order: the KLs can be split by answer
             # (--by-check) or two bakes compared prompt by prompt.
             "per_prompt": {"reverse": {"baked": pairs(reverse), "base": pairs(base_reverse)},
-                           "forward": {"baked": pairs(forward), "base": pairs(base_forward)}},
+                           "forward": {"baked": pairs(forward), "base": pairs(base_forward)},
+                           "drift": {"baked": [] if drift is None else pairs(drift)}},
         }
 
 
@@ -526,17 +529,19 @@ def table_rows(data: dict) -> list[list[str]]:
             checks.append(f"{c}: {mean_spread(baked)} (T {fmt_pct(rates['teacher'])}, B {fmt_pct(rates['base'])})")
         varied = settings_text(runs[0])
         ses = [r["gap_closed_stderr"] for r in runs if r.get("gap_closed_stderr") is not None]
+        drift_ses = [r["drift_stderr"] for r in runs if r.get("drift_stderr") is not None]
         rows.append([prompt, method, varied, str(len(runs)),
                      mean_spread([r["gap_closed"] for r in runs]),
                      f"{100 * statistics.mean(ses):.0f}" if ses else "-",  # rows measured before it was kept: -
                      mean_spread([r["forward_gap_closed"] for r in runs]),
                      "; ".join(checks) or "-", mean_spread([r["drift"] for r in runs], pct=False),
+                     f"{statistics.mean(drift_ses):.4f}" if drift_ses else "-",  # kept since the eleventh pass
                      f"{statistics.mean(r['train_s'] for r in runs):.0f}"])
     return rows
 
 
 HEADER = ["prompt", "method", "settings", "seeds", "gap closed", "eval s.e.", "forward gap closed",
-          "checks baked (T teacher, B base)", "drift KL", "train s"]
+          "checks baked (T teacher, B base)", "drift KL", "drift s.e.", "train s"]
 
 
 def table_text(data: dict) -> str:
@@ -577,7 +582,8 @@ def markdown(data: dict) -> str:
             f"({data.get('torch_threads', '?')} threads). Evaluation: {n.get('prompts', '?')} held-out prompts of "
             f"`eval`, {n.get('ood', '?')} `ood` prompts for drift, sampling seed {n.get('seed', '?')}, temperature 1. "
             "Figures are mean ± half the range over the seeds; `eval s.e.` is one evaluation's own standard "
-            "error of the reverse gap closed, in points (prompts as the draws).\n\n"
+            "error of the reverse gap closed, in points (prompts as the draws), and `drift s.e.` the same for the "
+            "drift KL (`-`: a row measured before it was kept).\n\n"
             + md(HEADER, table_rows(data))
             + "\n\n## Can each check tell the prompted teacher from the base?\n\n"
             + md(["prompt", "check", "teacher", "base", "difference (points)", "≥ 25 points"], teacher_vs_base_rows(data))

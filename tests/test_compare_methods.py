@@ -45,6 +45,9 @@ def test_compare_methods_smoke(tiny_dir, tmp_path):
                 assert len(per) == 3
                 assert sum(s for s, _ in per) / sum(c for _, c in per) == pytest.approx(
                     r[f"{kind}_kl"][system], rel=1e-4, abs=1e-6)
+        drift = r["per_prompt"]["drift"]["baked"]  # the same for the drift, and its own error is kept
+        assert len(drift) == 2 and r["drift_stderr"] > 0
+        assert sum(s for s, _ in drift) / sum(c for _, c in drift) == pytest.approx(r["drift"], rel=1e-4, abs=1e-6)
     ref = data["reference"]["pirate@6"]
     assert set(ref["checks"]) == {"says arr", "short"}
     md = (out / "results.md").read_text()
@@ -215,3 +218,22 @@ def test_paired_gap_reproduces_the_kept_figures():
     assert diff == pytest.approx(b - a, abs=0.11) and 0 < err < 10
     refused = paired(f"{kept}:0", f"{kept}:1")  # spanish: another prompt
     assert refused.returncode != 0 and "not evaluated on the same prompt" in refused.stderr
+
+
+def test_paired_gap_pairs_the_drift_where_bakes_kept_it(tmp_path):
+    """Bakes that kept each `ood` prompt's drift get its paired difference too: per-token means of the
+    kept sums, B - A, and a bootstrap error that is 0 for a bake against itself."""
+    script = SCRIPT.parent / "paired_gap.py"
+    reverse = {"baked": [[1.0, 10], [2.0, 10]], "base": [[4.0, 10], [4.0, 10]]}
+    run = lambda drift: {"prompt": "p", "eval_prompts": 2, "per_prompt": {"reverse": reverse,  # noqa: E731
+                                                                         "drift": {"baked": drift}}}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"runs": [run([[1.0, 10], [2.0, 10]]), run([[2.0, 10], [2.0, 10]]), run([])]}))
+
+    def paired(*specs):
+        return subprocess.run([sys.executable, str(script), *specs], capture_output=True, text=True, timeout=120)
+
+    out = paired(f"{results}:0", f"{results}:1").stdout
+    assert "drift KL(baked || base): A 0.1500, B 0.2000, B - A +0.0500 ± " in out
+    assert "B - A +0.0000 ± 0.0000" in paired(f"{results}:0", f"{results}:0").stdout
+    assert "drift" not in paired(f"{results}:0", f"{results}:2").stdout  # one bake measured before it was kept

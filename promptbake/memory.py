@@ -1,10 +1,11 @@
 """Peak memory of a bake, estimated from a model config and the settings, before any weight loads.
 
-A bake's memory is the weights and the adapter's training state, always resident, plus the
-largest of three phases that never overlap: the rollout (KV cache for batch x (prompt +
-response)), the teacher pass (no gradient: one layer's working set over the whole batch),
-and the student pass with its backward (activations kept for the backward, for one
-micro-batch, plus one loss chunk's logits). `estimate_peak_memory` adds these up from the
+A bake's memory is the weights, the fast sampler's merged copy of them (an unquantised base
+only) and the adapter's training state, always resident, plus the largest of three phases
+that never overlap: the rollout (KV cache for batch x (prompt + response)), the teacher pass
+(no gradient: one layer's working set over the whole batch), and the student pass with its
+backward (activations kept for the backward, for one micro-batch, plus one loss chunk's
+logits). `estimate_peak_memory` adds these up from the
 architecture's sizes; `MemoryEstimate.advice` says which setting to lower when the total
 won't fit, with the estimate each change would give.
 
@@ -65,6 +66,7 @@ class Settings:
     lora_targets: str  # "all-linear" or comma-separated module names
     chunk_size: int
     gradient_checkpointing: bool
+    rollout_copy: str | None = None  # dtype of the fast sampler's merged copy of the weights; None: no copy
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,15 @@ class MemoryEstimate:
     activations: int  # student pass activations kept for the backward (one micro-batch)
     loss_chunk: int  # (chunk, V) logits and loss buffers
     params: int  # parameters of the base model
+    rollout_copy: int = 0  # the fast sampler's merged copy of the weights (an unquantised base only)
 
     @property
     def resident(self) -> int:
-        return self.weights + self.adapter
+        return self.weights + self.rollout_copy + self.adapter
+
+    @property
+    def largest_phase(self) -> str:
+        return max((self.rollout, "rollout"), (self.teacher, "teacher pass"), (self.student, "student backward"))[1]
 
     @property
     def student(self) -> int:
@@ -101,16 +108,17 @@ class MemoryEstimate:
         s = self.settings
         micro = s.micro_batch_size or s.batch_size
         ckpt = "on" if s.gradient_checkpointing else "off"
-        phase = max((self.rollout, "rollout"), (self.teacher, "teacher pass"), (self.student, "student backward"))[1]
+        copy = [f"rollout copy (merged weights, {s.rollout_copy}): {_gib(self.rollout_copy)}"] if self.rollout_copy else []
         return [
             f"weights ({s.quant}, {s.dtype} compute, {self.params / 1e9:.2f} B params): {_gib(self.weights)}",
+            *copy,
             f"LoRA r={s.lora_rank} + gradients + AdamW state: {_gib(self.adapter)}",
             f"rollout KV cache ({s.batch_size} x {s.prompt_tokens + s.max_new_tokens} tokens): {_gib(self.rollout)}",
             f"teacher pass ({s.batch_size} x {s.teacher_prompt_tokens + s.max_new_tokens} tokens, no grad): "
             f"{_gib(self.teacher)}",
             f"student activations ({micro} rollouts at a time, checkpointing {ckpt}): {_gib(self.activations)}",
             f"loss chunk ({s.chunk_size} tokens): {_gib(self.loss_chunk)}",
-            f"peak: {_gib(self.peak)} (resident {_gib(self.resident)} + {phase})",
+            f"peak: {_gib(self.peak)} (resident {_gib(self.resident)} + {self.largest_phase})",
         ]
 
     def advice(self, budget_bytes: float) -> list[str]:
@@ -168,17 +176,20 @@ def estimate_peak_memory(
     lora_targets: str = "all-linear",
     chunk_size: int = 128,
     gradient_checkpointing: bool = False,
+    rollout_copy: str | None = None,
 ) -> MemoryEstimate:
     """Estimated peak memory of a bake of the model `config` describes (a transformers config or
     a dict of its fields) with these settings. `dtype` is the compute dtype ("bfloat16" on
     CUDA, "float32" on CPU); `prompt_tokens` the longest rendered student prompt and
-    `teacher_prompt_tokens` the longest teacher prompt (default: prompt_tokens)."""
+    `teacher_prompt_tokens` the longest teacher prompt (default: prompt_tokens); `rollout_copy` the
+    dtype of the fast sampler's merged copy of the weights, where the bake keeps one."""
     settings = Settings(quant=quant, dtype=str(dtype).removeprefix("torch."), batch_size=batch_size,
                         micro_batch_size=micro_batch_size, max_new_tokens=max_new_tokens,
                         prompt_tokens=prompt_tokens,
                         teacher_prompt_tokens=prompt_tokens if teacher_prompt_tokens is None else teacher_prompt_tokens,
                         lora_rank=lora_rank, lora_targets=lora_targets, chunk_size=chunk_size,
-                        gradient_checkpointing=gradient_checkpointing)
+                        gradient_checkpointing=gradient_checkpointing,
+                        rollout_copy=None if rollout_copy is None else str(rollout_copy).removeprefix("torch."))
     return estimate_from_sizes(model_sizes(config), settings)
 
 
@@ -188,7 +199,7 @@ def model_sizes(config) -> ModelSizes:
     text = None if isinstance(config, dict) else config.get_text_config()
     H, heads = get("hidden_size"), get("num_attention_heads")
     head_dim = get("head_dim") or H // heads
-    return ModelSizes(layers=get("num_hidden_layers"), hidden=H, intermediate=get("intermediate_size"),
+    return ModelSizes(layers=get("num_hidden_layers"), hidden=H, intermediate=get("intermediate_size") or 4 * H,
                       q_dim=heads * head_dim, kv_dim=(get("num_key_value_heads") or heads) * head_dim,
                       vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", False)))
 
@@ -234,9 +245,34 @@ def estimate_from_sizes(m: ModelSizes, s: Settings) -> MemoryEstimate:
     activations = int(kept + backward_work + final + s.batch_size * s.max_new_tokens * H * b)  # + teacher states
 
     loss_chunk = _LOSS_FLOATS * s.chunk_size * m.vocab * 4
+    params = linear_params + embed_params + norm_params
     return MemoryEstimate(settings=s, sizes=m, weights=weights, adapter=adapter, rollout=rollout,
-                          teacher=int(teacher), activations=activations, loss_chunk=loss_chunk,
-                          params=linear_params + embed_params + norm_params)
+                          teacher=int(teacher), activations=activations, loss_chunk=loss_chunk, params=params,
+                          rollout_copy=params * _DTYPE_BYTES[s.rollout_copy] if s.rollout_copy else 0)
+
+
+def free_memory(device) -> int | None:
+    """Bytes a bake could still take on `device`: free GPU memory on CUDA; on a CPU the kernel's
+    MemAvailable, lowered to a container's (cgroup v2) headroom where it has a limit. None where unknown."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    free = None
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        limit = open("/sys/fs/cgroup/memory.max", encoding="ascii").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current", encoding="ascii").read())
+        if limit != "max":
+            free = min(free if free is not None else int(limit), int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def _targets(spec: str) -> set[str]:

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from rich.console import Console
 
 from .config import DistillConfig
+from .memory import MemoryEstimate, estimate_peak_memory, free_memory
 from .setup import read_inputs, read_model_files
-from .timing import time_bake
+from .timing import cut_config, cut_layers, time_bake
 
 
 @dataclass
@@ -34,13 +35,14 @@ class Plan:
     response_tokens_per_step: int  # at most: batch x max_new_tokens
     parameters: int
     lora_parameters: int
-    memory_mb: dict  # part -> MiB, and "total"
-    wall_seconds: dict | None  # part -> seconds, "total", and "how"; None when distill would skip the bake
+    memory_mb: dict  # part -> MiB, "total" (the estimated peak), "largest_phase", "free" (this machine's; or None)
+    wall_seconds: dict | None  # part -> seconds, "total", and "how"; None when not timed (wall_why says why)
     bake_key: str
     out: str
     out_status: str  # absent, up_to_date or different
     out_why: str
     will_bake: bool
+    wall_why: str = ""  # why wall_seconds is None
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -68,28 +70,42 @@ def make_plan(cfg: DistillConfig, console: Console, *, force: bool = False) -> P
     reuse, reason = _prefix_reuse(cfg, config, renderer, prefix, train + heldout)
     params, lora = count_parameters(config, cfg)
     samp_dtype = dtype if quant != "none" or cfg.rollout != "fast" else rollout_dtype(dtype, device)
-    longest = max(len(renderer.teacher_ids(m)) for m in train)
-    memory = estimate_memory(cfg, config, params=params, lora=lora, quant=quant, dtype=dtype, samp_dtype=samp_dtype,
-                             vocab=vocab, longest_teacher=longest)
-    wall = None  # an up-to-date bake is skipped: nothing to time, and a CI plan stays quick
-    if not inputs.up_to_date:
-        teacher_config = load_config(inputs.teacher_src, trust_remote_code=cfg.trust_remote_code) \
-            if inputs.teacher_src else None
-        with console.status("timing the bake's step on cut copies of the model"):
-            wall = time_bake(cfg, config, renderer, train, len(heldout), vocab=vocab, device=device, dtype=dtype,
-                             quant=quant, teacher_config=teacher_config)
+    memory = estimate_memory(cfg, config, renderer, train, device=device, quant=quant, dtype=dtype,
+                             samp_dtype=samp_dtype)
+    free = free_memory(device)
     notes = []
     if inputs.out_status == "up_to_date" and force:
         notes.append("--force: distill bakes again and replaces --out")
+    if free is not None and not memory.fits(free):
+        where = "GPU memory" if device.type == "cuda" else "memory"
+        notes.append(f"the estimated peak, {_mib(memory.peak)} MiB, is more than the {_mib(free)} MiB of {where} "
+                     f"free on this machine; to lower it: " + "; ".join(memory.advice(free) or ["-"]))
+    wall, wall_why = None, "--out is up to date, so distill skips the bake"  # and a CI plan stays quick
+    if not inputs.up_to_date:
+        cuts = cut_layers(config)
+        deepest = estimate_memory(cfg, cut_config(config, cuts[-1]), renderer, train, device=device, quant="none",
+                                  dtype=dtype, samp_dtype=samp_dtype)
+        if free is not None and not deepest.fits(free):
+            wall_why = (f"not timed: the copy cut to {cuts[-1]} layers it would time needs ~{_mib(deepest.peak)} MiB, "
+                        f"more than the {_mib(free)} MiB free")
+        else:
+            teacher_config = load_config(inputs.teacher_src, trust_remote_code=cfg.trust_remote_code) \
+                if inputs.teacher_src else None
+            layers = config.get_text_config().num_hidden_layers
+            with console.status(f"timing the bake's step on copies of the model cut to "
+                                f"{' and '.join(map(str, cuts))} of its {layers} layers"):
+                wall = time_bake(cfg, config, renderer, train, len(heldout), vocab=vocab, device=device, dtype=dtype,
+                                 quant=quant, teacher_config=teacher_config)
+            wall_why = ""
     return Plan(
         model=cfg.model, device=device.type, dtype=_name(dtype), quant=quant, rollout_dtype=_name(samp_dtype),
         prompts=dict(source=cfg.prompts, read=prompt_set.rows, train=len(train), heldout=len(heldout),
                      dropped=dict(prompt_set.dropped)),
         system_prompt_tokens=system_tokens, teacher_prefix_tokens=len(prefix), prefix_reuse=reuse,
         prefix_reuse_reason=reason, response_tokens_per_step=cfg.batch_size * cfg.max_new_tokens,
-        parameters=params, lora_parameters=lora, memory_mb=memory, wall_seconds=wall, bake_key=inputs.key.key,
-        out=str(cfg.out), out_status=inputs.out_status, out_why=inputs.out_why, will_bake=not inputs.up_to_date,
-        notes=notes,
+        parameters=params, lora_parameters=lora, memory_mb=memory_parts(memory, free), wall_seconds=wall,
+        bake_key=inputs.key.key, out=str(cfg.out), out_status=inputs.out_status, out_why=inputs.out_why,
+        will_bake=not inputs.up_to_date, wall_why=wall_why, notes=notes,
     )
 
 
@@ -124,33 +140,36 @@ def count_parameters(config, cfg: DistillConfig) -> tuple[int, int]:
     return params, sum(p.numel() for p in lora.parameters() if p.requires_grad)
 
 
-def estimate_memory(cfg: DistillConfig, config, *, params: int, lora: int, quant: str, dtype, samp_dtype, vocab: int,
-                    longest_teacher: int) -> dict:
-    """Peak memory by part, in MiB. Upper bounds where the size depends on the samples (responses run full length)."""
-    text = config.get_text_config()
-    layers, hidden = text.num_hidden_layers, text.hidden_size
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
-    width = _bytes(dtype)
-    weight_bytes = {"none": width, "8bit": 1, "4bit": 0.5}[quant]  # the quantised linears; the rest stays in `dtype`
-    B, T = cfg.batch_size, longest_teacher + cfg.max_new_tokens
-    parts = {
-        "weights": params * weight_bytes,
-        # fast rollouts sample from a merged copy of the weights (not for a quantised base).
-        "rollout_copy": params * _bytes(samp_dtype) if cfg.rollout == "fast" and quant == "none" else 0,
-        "lora_and_optimizer": lora * 4 * 4,  # fp32 weight, gradient and AdamW's two moments
-        "kv_cache": 2 * layers * kv_heads * head_dim * B * T * _bytes(samp_dtype),
-        "loss_chunk": 5 * cfg.chunk_size * vocab * 4,  # the --chunk-size help's 5 x chunk x vocab floats
-        # What backward keeps of the student's forward: ~16 values per hidden unit per token per layer.
-        "activations": 16 * layers * hidden * B * T * width,
-    }
-    mib = {k: round(v / 2**20, 1) for k, v in parts.items()}
-    mib["total"] = round(sum(parts.values()) / 2**20, 1)
-    return mib
+def estimate_memory(cfg: DistillConfig, config, renderer, train: list, *, device, quant: str, dtype, samp_dtype):
+    """memory.estimate_peak_memory for this bake: its settings, its longest prompts, the rollout copy it keeps.
+    Upper bounds where the size depends on the samples (responses run full length)."""
+    from .pair import use_checkpointing
+
+    copy = samp_dtype if cfg.rollout == "fast" and quant == "none" else None  # a quantised base is sampled as is
+    return estimate_peak_memory(
+        config, quant=quant, dtype=_name(dtype), batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+        max_new_tokens=cfg.max_new_tokens, prompt_tokens=max(len(renderer.student_ids(m)) for m in train),
+        teacher_prompt_tokens=max(len(renderer.teacher_ids(m)) for m in train), lora_rank=cfg.lora_rank,
+        lora_targets=cfg.lora_targets, chunk_size=cfg.chunk_size,
+        gradient_checkpointing=use_checkpointing(cfg.gradient_checkpointing, device),
+        rollout_copy=None if copy is None else _name(copy))
 
 
-def _bytes(dtype) -> int:
-    return dtype.itemsize
+def memory_parts(est: MemoryEstimate, free: int | None) -> dict:
+    """The estimate in MiB: what stays resident, each phase (only the largest counts to the peak), the peak."""
+    parts = {"weights": est.weights, "rollout_copy": est.rollout_copy, "lora_and_optimizer": est.adapter,
+             "rollout_kv_cache": est.rollout, "teacher_pass": est.teacher, "activations": est.activations,
+             "loss_chunk": est.loss_chunk, "total": est.peak}
+    mib = {k: _mib(v) for k, v in parts.items()}
+    return {**mib, "largest_phase": est.largest_phase, "free": None if free is None else _mib(free)}
+
+
+def _mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def _resident(m: dict) -> float:
+    return m["weights"] + m["rollout_copy"] + m["lora_and_optimizer"]
 
 
 def _name(dtype) -> str:
@@ -173,11 +192,19 @@ def print_plan(plan: Plan, out: Console) -> None:
     table.add_row("per step", f"up to {plan.response_tokens_per_step} response tokens")
     table.add_row("LoRA", f"{plan.lora_parameters / 1e6:.2f} M trainable parameters")
     m = plan.memory_mb
-    table.add_row("peak memory (est.)", f"{m['total']:,.0f} MiB: " + ", ".join(
-        f"{k.replace('_', ' ')} {v:,.0f}" for k, v in m.items() if k != "total"))
+    free = f" ({m['free']:,.0f} free here)" if m["free"] is not None else ""
+    phases = {"rollout": f"rollout KV cache {m['rollout_kv_cache']:,.0f}",
+              "teacher pass": f"teacher pass {m['teacher_pass']:,.0f}",
+              "student backward": f"student backward {m['activations'] + m['loss_chunk']:,.0f} (activations "
+                                  f"{m['activations']:,.0f}, loss chunk {m['loss_chunk']:,.0f})"}
+    largest = phases.pop(m["largest_phase"])
+    table.add_row("peak memory (est.)", f"{m['total']:,.0f} MiB{free}: resident {_resident(m):,.0f} (weights "
+                  f"{m['weights']:,.0f}, rollout copy {m['rollout_copy']:,.0f}, LoRA and optimizer "
+                  f"{m['lora_and_optimizer']:,.0f}) + the largest phase, {largest}; the others: "
+                  + ", ".join(phases.values()))
     w = plan.wall_seconds
     if w is None:
-        table.add_row("wall time (est.)", "none: --out is up to date, so distill skips the bake")
+        table.add_row("wall time (est.)", f"none: {plan.wall_why}")
     else:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in w["per_step_phases"].items())
         table.add_row("wall time (est.)", f"{w['total'] / 60:.1f} min: {w['per_step']:.1f} s per step ({phases}), "

@@ -54,13 +54,19 @@ def cut_config(config, layers: int):
     return cut
 
 
+def cut_layers(config) -> list[int]:
+    """The decoder layers of the copies time_bake times: SHALLOW and DEEP, or a model of up to DEEP layers as it is."""
+    layers = config.get_text_config().num_hidden_layers
+    return sorted({min(SHALLOW, layers), min(DEEP, layers)})
+
+
 def time_bake(cfg: DistillConfig, config, renderer, train: list[Messages], heldout: int, *, vocab: int, device,
               dtype, quant: str, teacher_config=None) -> dict:
     """Estimated seconds of a bake by phase, from two cut copies of the model (see the module doc).
 
     `heldout` is the size of the held-out split; `quant` the bake's resolved quantisation."""
     layers = config.get_text_config().num_hidden_layers
-    cuts = sorted({min(SHALLOW, layers), min(DEEP, layers)})  # a model of up to 8 layers is timed as it is
+    cuts = cut_layers(config)
     timed = [time_cut(cfg, config, renderer, train, n, vocab=vocab, device=device, dtype=dtype,
                       teacher_config=teacher_config) for n in cuts]
     shallow, deep = timed[0], timed[-1]

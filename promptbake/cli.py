@@ -43,7 +43,7 @@ class _OneLineRefusals(typer.core.TyperGroup):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx):  # the subcommand's own options are parsed in here
-        with _one_line_refusal():
+        with _one_line_refusal(ctx):
             return super().invoke(ctx)
 
 
@@ -53,7 +53,7 @@ _NO_SUCH_OPTION = getattr(getattr(_CLICK, "exceptions", _CLICK), "NoSuchOption",
 
 
 @contextlib.contextmanager
-def _one_line_refusal():
+def _one_line_refusal(group_ctx=None):
     try:
         yield
     except getattr(_CLICK, "NoArgsIsHelpError", ()):
@@ -63,6 +63,8 @@ def _one_line_refusal():
         ctx = getattr(err, "ctx", None)
         if ctx is not None:
             line += f" (see: {ctx.command_path} --help)"
+        elif group_ctx is not None and group_ctx.invoked_subcommand:  # click's parser gives some errors no ctx
+            line += f" (see: {group_ctx.command_path} {group_ctx.invoked_subcommand} --help)"
         print_line(err_console, "error", line, "bold red")
         _FAILURE.update(error=f"error: {line}")
         raise typer.Exit(err.exit_code) from None

@@ -164,6 +164,7 @@ def test_cli_start_up_imports_no_heavy_modules():
     (["distill", "--no-such-option"], "No such option: --no-such-option ("),
     (["distill", "--stesp", "3"], "No such option: --stesp. Did you mean --steps? ("),
     (["distill", "--bogus"], "No such option: --bogus ("),  # no far-fetched guess (click offered --out)
+    (["distill", "--record-prompt=yes"], "Option '--record-prompt' does not take a value. (see: promptbake distill"),
     (["bake"], "No such command 'bake'."),
     (["--no-such-option"], "No such option: --no-such-option"),
 ])

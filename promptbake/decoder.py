@@ -44,7 +44,7 @@ import torch.nn.functional as F
 LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")
 GEMMA_FAMILY = ("gemma", "gemma2", "gemma3_text")
 ARCHITECTURES = LLAMA_FAMILY + GEMMA_FAMILY
-_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # The MLP activations the decoder computes, by the class transformers' ACT2FN gives them.
 _ACTIVATIONS = {"SiLU": F.silu, "SiLUActivation": F.silu,
@@ -57,8 +57,11 @@ def unwrap(module):
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-def unsupported_reason(model) -> str | None:
-    """Why `LeanDecoder` can't run this (unwrapped) causal LM, or None when it can."""
+def unsupported_reason(model, quantised: tuple = ()) -> str | None:
+    """Why `LeanDecoder` can't run this (unwrapped) causal LM, or None when it can.
+
+    `quantised`: layer classes a subclass computes its projections with, accepted beside plain
+    linear layers (qdecoder's bitsandbytes layers)."""
     cfg = model.config
     if cfg.model_type not in ARCHITECTURES:
         return f"architecture {cfg.model_type!r}"
@@ -71,8 +74,10 @@ def unsupported_reason(model) -> str | None:
         return f"attention layer type {sorted(kinds)[0]!r}"
     try:
         for layer in model.model.layers:
-            for name in _PROJECTIONS:
+            for name in PROJECTIONS:
                 linear = unwrap(layer.get_submodule(name))
+                if isinstance(linear, quantised):
+                    continue
                 if type(linear) is not torch.nn.Linear or not linear.weight.dtype.is_floating_point:
                     return f"{name} is a {type(linear).__name__} ({linear.weight.dtype}), not a plain linear layer"
             act = type(layer.mlp.act_fn).__name__
@@ -258,12 +263,12 @@ def _window(model, index: int) -> int | None:
 
 
 class _Layer:
-    def __init__(self, layer, dtype, gemma: bool, window: int | None, rope_key, pack: bool):
+    def __init__(self, layer, dtype, gemma: bool, window: int | None, rope_key, projection):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _Linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, pack=pack)
-        self.o = _Linear([attn.o_proj], dtype, pack=pack)
-        self.gate_up = _Linear([mlp.gate_proj, mlp.up_proj], dtype, pack=pack)
-        self.down = _Linear([mlp.down_proj], dtype, pack=pack)
+        self.qkv = projection([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = projection([attn.o_proj])
+        self.gate_up = projection([mlp.gate_proj, mlp.up_proj])
+        self.down = projection([mlp.down_proj])
         self.linears = (self.qkv, self.o, self.gate_up, self.down)
         self.act = _ACTIVATIONS[type(mlp.act_fn).__name__]
 
@@ -295,11 +300,12 @@ class LeanDecoder:
         inner, cfg = model.model, model.config
         gemma = cfg.model_type in GEMMA_FAMILY
         attn = inner.layers[0].self_attn
+        self.dtype, self.pack = dtype, pack
         # Gemma 3's rotary module keeps one table per layer type and is called with it.
         per_type_rope = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(inner.layers)
-        self.layers = [_Layer(layer, dtype, gemma, _window(model, i), types[i] if per_type_rope else None, pack)
-                       for i, layer in enumerate(inner.layers)]
+        self.layers = [_Layer(layer, dtype, gemma, _window(model, i), types[i] if per_type_rope else None,
+                              self._projection) for i, layer in enumerate(inner.layers)]
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = attn.head_dim
@@ -308,7 +314,6 @@ class LeanDecoder:
         # attn_logit_softcapping (Gemma 3 checkpoints set none), so neither does this copy.
         self.attn_cap = getattr(cfg, "attn_logit_softcapping", None) if cfg.model_type == "gemma2" else None
         self.logit_cap = getattr(cfg, "final_logit_softcapping", None)
-        self.dtype = dtype
         self.device = inner.embed_tokens.weight.device
         self.rotary = inner.rotary_emb
         self.norm = _Norm(inner.norm, dtype, gemma)
@@ -322,6 +327,10 @@ class LeanDecoder:
         self.key_bias = None  # (B * nk, 1, S_max) additive key bias: 0 where a row may attend, -inf elsewhere
         self.length = 0  # columns of the cache written so far
         self.positions = None  # (B, 1) position of each row's next token
+
+    def _projection(self, modules) -> _Linear:
+        """The layers `modules`, which read the same input, as one projection (qdecoder overrides it)."""
+        return _Linear(modules, self.dtype, pack=self.pack)
 
     def linears(self) -> list[_Linear]:
         return [linear for layer in self.layers for linear in layer.linears] + [self.head]

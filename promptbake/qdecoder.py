@@ -6,8 +6,9 @@ the point of quantising. Before this module such a base sampled through the PEFT
 the HF forward on a DynamicCache, and every LoRA branch dispatched through PEFT at every
 token.
 
-`QuantDecoder` is `LeanDecoder`'s forward (static KV cache written in place, the same
-attention, RMSNorm and rotary code) with each projection computed as
+`QuantDecoder` is `LeanDecoder` itself (the same forward for both families: static KV cache
+written in place, attention, norms, rotary tables, sliding windows, soft-capping) with each
+projection computed as
 
     y = base(x) + (x @ A^T) @ (scale * B)^T
 
@@ -15,8 +16,9 @@ where `base` is the bitsandbytes layer itself (so the quantised weights are read
 they are stored, through the same kernel the exact path and the teacher use: the same
 numbers), and the LoRA update is two low-rank products. Projections that read the same
 input (q|k|v, gate|up) share one `x @ A^T` with their A factors side by side and a
-block-diagonal B. The embedding, the LM head and the norms are referenced, not copied;
-the only new memory is the LoRA factors (rank r) and the KV cache every sampler needs.
+block-diagonal B. The embedding, the LM head and the norms are referenced, not copied
+(Gemma's (1 + w) norms excepted: a few fp32 vectors); the only new memory is the LoRA
+factors (rank r) and the KV cache every sampler needs.
 
 Measured on SmolLM2-135M, CPU: see benchmarks/README.md ("quantised rollouts").
 """
@@ -26,28 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .decoder import ARCHITECTURES, LeanDecoder, unwrap, wide_linear
-
-_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-           ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-
-
-# The same small helpers as decoder.py's (private there): the forward must compute what LeanDecoder's does.
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as HF computes it: normalise in fp32, cast back, then scale."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _rope_tables(rotary, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin for `positions` (..., T), shaped (..., T, 1, d) to broadcast over heads."""
-    cos, sin = rotary(x, positions)  # (..., T, d)
-    half = sin.shape[-1] // 2
-    return cos.unsqueeze(-2), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(-2)
-
-
-def _norm(module, dtype):
-    """(weight, eps) of an RMSNorm module, or None."""
-    return None if module is None else (module.weight.detach().to(dtype, copy=True), module.variance_epsilon)
+from . import decoder
+from .decoder import LeanDecoder, unwrap
 
 
 def quant_layer_types():
@@ -60,34 +42,14 @@ def quant_layer_types():
 def unsupported_reason(peft_model) -> str | None:
     """Why `QuantDecoder` can't sample this PEFT-wrapped quantised model, or None when it can."""
     model = peft_model.get_base_model()
-    cfg = model.config
-    if cfg.model_type not in ARCHITECTURES:
-        return f"architecture {cfg.model_type!r}"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act!r}"
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
-        return "mixed attention layer types"
-    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
-        return "pretraining_tp > 1"
-    kinds = quant_layer_types()
-    try:
-        for layer in model.model.layers:
-            for group in _GROUPS:
-                for name in group:
-                    module = layer.get_submodule(name)
-                    base = unwrap(module)
-                    if not isinstance(base, (*kinds, torch.nn.Linear)):
-                        return f"{name} is a {type(base).__name__}"
-                    why = _lora_reason(module)
-                    if why:
-                        return f"{name}: {why}"
-            layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon  # noqa: B018
-            layer.self_attn.head_dim, layer.self_attn.scaling  # noqa: B018
-        model.model.rotary_emb, model.model.norm, model.model.embed_tokens  # noqa: B018
-    except AttributeError as err:
-        return f"unexpected module layout ({err})"
+    why = decoder.unsupported_reason(model, quantised=quant_layer_types())
+    if why:
+        return why
+    for layer in model.model.layers:
+        for name in decoder.PROJECTIONS:
+            why = _lora_reason(layer.get_submodule(name))
+            if why:
+                return f"{name}: {why}"
     for module in (model.model.embed_tokens, model.get_output_embeddings()):
         if hasattr(module, "get_base_layer"):
             return f"LoRA on the {type(unwrap(module)).__name__} embedding or head"
@@ -129,6 +91,13 @@ class _Projection:
         self.B = torch.zeros(sum(self.sizes), rank, dtype=dtype, device=device) if rank else None
         self.refresh()
 
+    def load(self, weight_of) -> None:
+        """LeanDecoder.load's call: the quantised bases are read as stored, so only their own weights
+        can go in; the LoRA factors are copied afresh."""
+        if any(weight_of(m) is not base.weight for m, base in zip(self.modules, self.bases)):
+            raise NotImplementedError("QuantDecoder reads the quantised weights as stored; call refresh() instead")
+        self.refresh()
+
     @torch.no_grad()
     def refresh(self) -> None:
         """Copy the live LoRA factors in (after an optimizer step)."""
@@ -152,108 +121,25 @@ class _Projection:
         return y.add_(F.linear(F.linear(x.to(self.dtype), self.A), self.B).to(y.dtype))
 
 
-class _QLayer:
-    def __init__(self, layer, dtype):
-        attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _Projection([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.o = _Projection([attn.o_proj], dtype)
-        self.gate_up = _Projection([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = _Projection([mlp.down_proj], dtype)
-        self.ln1 = _norm(layer.input_layernorm, dtype)
-        self.ln2 = _norm(layer.post_attention_layernorm, dtype)
-        self.q_norm = _norm(getattr(attn, "q_norm", None), dtype)
-        self.k_norm = _norm(getattr(attn, "k_norm", None), dtype)
-        self.k_cache = self.v_cache = None
-
-    def projections(self):
-        return (self.qkv, self.o, self.gate_up, self.down)
-
-
 class QuantDecoder(LeanDecoder):
-    """`LeanDecoder`'s sampling forward over a PEFT model whose base layers are bitsandbytes-quantised.
+    """`LeanDecoder` over a PEFT model whose base layers are bitsandbytes-quantised.
 
-    Reads the model's own weights (no copy); `refresh()` copies the LoRA factors in after each
-    optimizer step. Sampling only: no gradients.
+    Reads the model's own weights (no copy; the embedding and the head as plain tensors);
+    `refresh()` copies the LoRA factors in after each optimizer step. Sampling only: no gradients.
     """
 
-    def __init__(self, peft_model):  # noqa: super().__init__ would copy (fuse) the weights
+    def __init__(self, peft_model):
         model = peft_model.get_base_model()
-        inner, cfg = model.model, model.config
-        embed = unwrap(inner.embed_tokens).weight
-        dtype = embed.dtype  # the compute dtype: bitsandbytes returns outputs in the input's dtype
-        attn = inner.layers[0].self_attn
-        self.layers = [_QLayer(layer, dtype) for layer in inner.layers]
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
-        self.dtype = dtype
-        self.device = embed.device
-        self.rotary = inner.rotary_emb
-        self.norm = _norm(inner.norm, dtype)
-        self.embed = embed.detach()  # referenced, not copied
-        self.head = unwrap(model.get_output_embeddings()).weight.detach()
-        self.vocab = cfg.vocab_size
-        self.key_bias = None
-        self.length = 0
-        self.positions = None
+        # the compute dtype: bitsandbytes returns outputs in the input's dtype
+        super().__init__(model, unwrap(model.model.embed_tokens).weight.dtype, pack=False)
 
-    def load(self, weight_of, changed=None) -> None:
-        raise NotImplementedError("QuantDecoder reads the live weights; call refresh() instead")
+    def _projection(self, modules) -> _Projection:
+        return _Projection(modules, self.dtype)
 
     def refresh(self) -> None:
-        for layer in self.layers:
-            for projection in layer.projections():
-                projection.refresh()
-
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """As LeanDecoder._prefill, with the projections run by `_Projection`."""
-        B, T = ids.shape
-        nq, nk, d = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(ids, self.embed)  # (B, T, D)
-        cos, sin = _rope_tables(self.rotary, x, positions)  # (B, T, 1, d)
-        col = torch.arange(T, device=x.device)
-        allowed = mask.bool()[:, None, None, :] & (col[None, :] <= col[:, None])  # (B, 1, T, T)
-        allowed |= torch.eye(T, dtype=torch.bool, device=x.device)  # padding queries see themselves: no NaN
-        for layer in self.layers:
-            heads = layer.qkv(_rms(x, *layer.ln1)).view(B, T, nq + 2 * nk, d)
-            q, k = self._qk(layer, heads, cos, sin)
-            v = heads.narrow(-2, nq + nk, nk)
-            layer.k_cache[:, :, :T] = k.transpose(1, 2)
-            layer.v_cache[:, :, :T] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=allowed, scale=self.scaling, enable_gqa=True)
-            x = x + layer.o(out.transpose(1, 2).reshape(B, T, nq * d))
-            x = x + self._mlp(layer, x)
-        self.length = T
-        return wide_linear(_rms(x[:, -1], *self.norm), self.head)[:, : self.vocab]
-
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """As LeanDecoder._decode: one (B,) token per row -> (B, V) logits."""
-        B, col = tokens.shape[0], self.length
-        end = col + 1
-        nq, nk, d = self.n_heads, self.n_kv, self.head_dim
-        x = F.embedding(tokens, self.embed)  # (B, D)
-        cos, sin = _rope_tables(self.rotary, x, self.positions[:, 0])  # (B, 1, d)
-        bias = self.key_bias[:, :, :end]  # (B * nk, 1, S)
-        for layer in self.layers:
-            heads = layer.qkv(_rms(x, *layer.ln1)).view(B, nq + 2 * nk, d)
-            q, k = self._qk(layer, heads, cos, sin)
-            layer.k_cache[:, :, col] = k
-            layer.v_cache[:, :, col] = heads.narrow(-2, nq + nk, nk)
-            keys = layer.k_cache[:, :, :end].view(B * nk, end, d)
-            scores = torch.baddbmm(bias, q.reshape(B * nk, nq // nk, d), keys.transpose(1, 2), alpha=self.scaling)
-            probs = scores.softmax(-1, dtype=torch.float32).to(x.dtype)
-            out = torch.bmm(probs, layer.v_cache[:, :, :end].view(B * nk, end, d)).view(B, nq * d)
-            x = x + layer.o(out)
-            x = x + self._mlp(layer, x)
-        self.length = end
-        return wide_linear(_rms(x, *self.norm), self.head)[:, : self.vocab]
-
-    @staticmethod
-    def _mlp(layer: _QLayer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = layer.gate_up(_rms(x, *layer.ln2)).chunk(2, dim=-1)
-        return layer.down(F.silu(gate) * up)
+        for linear in self.linears():
+            if isinstance(linear, _Projection):
+                linear.refresh()
 
 
 class QuantisedSampler:

@@ -20,7 +20,10 @@ base:
 
 Results go to OUT/results.json (every bake, with its settings), OUT/results.md and the
 terminal. Each finished bake is written at once and a rerun with the same OUT skips the bakes
-already there, so a study can be stopped and extended instead of rerun. Timings are only
+already there, so a study can be stopped and extended instead of rerun. A rerun first samples
+the teacher's and the base's answers again and stops unless they are the ones kept (another
+CPU or torch build samples others at temperature 1); each reference keeps the machine that
+first sampled them and `reproduced_on`, the others that have since. Timings are only
 comparable within one run on one machine.
 """
 
@@ -348,8 +351,9 @@ def main(argv=None) -> int:
                 length = eval_tokens(settings, eval_info)
                 ref = evaluator.teacher_and_base(name, system, checks, length, 1.0)
                 key = reference_key(name, settings, eval_info)
-                if key in data["reference"]:
-                    same_reference(key, data["reference"][key], ref["texts"], eval_info, results_file)
+                kept = data["reference"].get(key)
+                if kept:
+                    same_reference(key, kept, ref["texts"], eval_info, results_file)
                 data["reference"][key] = {
                     "checks": {c: {s: v / eval_info["prompts"] for s, v in rates.items()}
                                for c, rates in ref["passes"].items()},
@@ -357,7 +361,7 @@ def main(argv=None) -> int:
                     "reverse_kl_base_stderr": ref["reverse_kl_base"].stderr,
                     "forward_kl_base_stderr": ref["forward_kl_base"].stderr,
                     "path": repo_relative(path), "texts": ref["texts"], "eval_prompts": [p[-1]["content"] for p in evaluator.prompts],
-                    "eval": eval_info, "machine": machine}
+                    "eval": eval_info, **sampled_on(kept, machine)}
                 write(data, args.out)
                 for method, seed in itertools.product(args.method_list, args.seed_list):
                     row = {"prompt": name, "method": method, "seed": seed, "settings": settings, "eval": eval_info,
@@ -374,6 +378,16 @@ def main(argv=None) -> int:
                     write(data, args.out)
     print(table_text(data))  # the result on stdout; progress went to stderr
     return 0
+
+
+def sampled_on(kept: dict | None, machine: dict) -> dict:
+    """The reference's machine fields: where its answers were first sampled, and the other machines that
+    reproduced them since (a rerun checks that first: same_reference)."""
+    if not kept:
+        return {"machine": machine}
+    first = kept.get("machine") or machine
+    others = [m for m in kept.get("reproduced_on", []) + [machine] if m != first]
+    return {"machine": first, "reproduced_on": [m for i, m in enumerate(others) if m not in others[:i]]}
 
 
 def same_reference(key: str, kept: dict, texts: dict, eval_info: dict, results_file: Path) -> None:

@@ -178,6 +178,17 @@ def test_a_results_folder_measured_against_other_answers_is_refused(tiny_dir, tm
     data = json.loads((out / "results.json").read_text())
     assert data["reference"]["pirate@6"]["machine"]["cores"] >= 1
     assert compare(*args).returncode == 0  # the same machine samples the same answers
+    assert json.loads((out / "results.json").read_text())["reference"]["pirate@6"]["reproduced_on"] == []
+
+    # answers first sampled on another machine, reproduced here: the reference keeps where they come from
+    here = data["reference"]["pirate@6"]["machine"]
+    data["reference"]["pirate@6"]["machine"] = {**here, "cpu": "another CPU"}
+    (out / "results.json").write_text(json.dumps(data))
+    for _ in range(2):  # a second rerun lists this machine once
+        assert compare(*args).returncode == 0
+        reference = json.loads((out / "results.json").read_text())["reference"]["pirate@6"]
+        assert reference["machine"]["cpu"] == "another CPU" and reference["reproduced_on"] == [here]
+    data = json.loads((out / "results.json").read_text())
 
     data["reference"]["pirate@6"]["texts"]["teacher"][1] += " (sampled elsewhere)"
     (out / "results.json").write_text(json.dumps(data))

@@ -70,8 +70,8 @@ def make_plan(cfg: DistillConfig, console: Console, *, force: bool = False) -> P
     reuse, reason = _prefix_reuse(cfg, config, renderer, prefix, train + heldout)
     params, lora = count_parameters(config, cfg)
     samp_dtype = dtype if quant != "none" or cfg.rollout != "fast" else rollout_dtype(dtype, device)
-    memory = estimate_memory(cfg, config, renderer, train, device=device, quant=quant, dtype=dtype,
-                             samp_dtype=samp_dtype)
+    longest = (max(len(renderer.student_ids(m)) for m in train), max(len(renderer.teacher_ids(m)) for m in train))
+    memory = estimate_memory(cfg, config, longest, device=device, quant=quant, dtype=dtype, samp_dtype=samp_dtype)
     free = free_memory(device)
     notes = []
     if inputs.out_status == "up_to_date" and force:
@@ -83,7 +83,7 @@ def make_plan(cfg: DistillConfig, console: Console, *, force: bool = False) -> P
     wall, wall_why = None, "--out is up to date, so distill skips the bake"  # and a CI plan stays quick
     if not inputs.up_to_date:
         cuts = cut_layers(config)
-        deepest = estimate_memory(cfg, cut_config(config, cuts[-1]), renderer, train, device=device, quant="none",
+        deepest = estimate_memory(cfg, cut_config(config, cuts[-1]), longest, device=device, quant="none",
                                   dtype=dtype, samp_dtype=samp_dtype)
         if free is not None and not deepest.fits(free):
             wall_why = (f"not timed: the copy cut to {cuts[-1]} layers it would time needs ~{_mib(deepest.peak)} MiB, "
@@ -140,16 +140,16 @@ def count_parameters(config, cfg: DistillConfig) -> tuple[int, int]:
     return params, sum(p.numel() for p in lora.parameters() if p.requires_grad)
 
 
-def estimate_memory(cfg: DistillConfig, config, renderer, train: list, *, device, quant: str, dtype, samp_dtype):
-    """memory.estimate_peak_memory for this bake: its settings, its longest prompts, the rollout copy it keeps.
-    Upper bounds where the size depends on the samples (responses run full length)."""
+def estimate_memory(cfg: DistillConfig, config, longest: tuple[int, int], *, device, quant: str, dtype, samp_dtype):
+    """memory.estimate_peak_memory for this bake: its settings, its longest (student, teacher) prompts in tokens,
+    the rollout copy it keeps. Upper bounds where the size depends on the samples (responses run full length)."""
     from .pair import use_checkpointing
 
     copy = samp_dtype if cfg.rollout == "fast" and quant == "none" else None  # a quantised base is sampled as is
     return estimate_peak_memory(
         config, quant=quant, dtype=_name(dtype), batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-        max_new_tokens=cfg.max_new_tokens, prompt_tokens=max(len(renderer.student_ids(m)) for m in train),
-        teacher_prompt_tokens=max(len(renderer.teacher_ids(m)) for m in train), lora_rank=cfg.lora_rank,
+        max_new_tokens=cfg.max_new_tokens, prompt_tokens=longest[0], teacher_prompt_tokens=longest[1],
+        lora_rank=cfg.lora_rank,
         lora_targets=cfg.lora_targets, chunk_size=cfg.chunk_size,
         gradient_checkpointing=use_checkpointing(cfg.gradient_checkpointing, device),
         rollout_copy=None if copy is None else _name(copy))
